@@ -1,0 +1,1 @@
+"""safeclip's command line: a thin Typer layer over `sanitize`."""

@@ -1,0 +1,53 @@
+"""Shared CLI conventions: one-line errors, progress bars, end-of-run summaries."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterable, Iterator, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+T = TypeVar("T")
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def fail(message: str, code: int = 1) -> "typer.Exit":
+    """Print a one-line error (no traceback) and exit non-zero."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def done(message: str) -> None:
+    """The one-line summary every command ends with."""
+    out_console.print(message, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn expected errors (bad input, bad config) into one-line messages."""
+    from sanitize.pairs import SourceError
+
+    try:
+        yield
+    except (SourceError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as exc:
+        fail(str(exc))
+
+
+def progress(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+    """A rich progress bar on stderr; quiet when stderr is not a terminal."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err_console, disable=not sys.stderr.isatty(), transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)

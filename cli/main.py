@@ -1,0 +1,37 @@
+"""The `safeclip` command. Each command lives in its own module and registers here."""
+
+from __future__ import annotations
+
+import typer
+
+from sanitize import __version__
+
+from . import data_cmds, download_cmd, poison_cmd
+
+app = typer.Typer(
+    name="safeclip",
+    help="Find poisoned and backdoored image-caption pairs and train CLIP models that stay clean "
+         "(SafeCLIP, Yang et al., ICML 2024).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"safeclip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """safeclip: make CLIP pre-training data safe."""
+
+
+for module in (data_cmds, download_cmd, poison_cmd):
+    module.register(app)
+
+if __name__ == "__main__":
+    app()
