@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
@@ -51,3 +51,22 @@ def progress(items: Iterable[T], total: int | None, description: str) -> Iterato
         for item in items:
             yield item
             bar.advance(task)
+
+
+@contextlib.contextmanager
+def progress_counter(total: int | None, description: str, unit: str = "pairs",
+                     enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A progress bar driven by callbacks: `with progress_counter(n, "embed") as advance: advance(k)`.
+    Shows the rate in `unit`/s; quiet when stderr is not a terminal."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[rate]}")]
+    with Progress(*columns, console=err_console, disable=not (enabled and sys.stderr.isatty())) as bar:
+        task = bar.add_task(description, total=total, rate="")
+
+        def advance(n: int = 1) -> None:
+            bar.advance(task, n)
+            elapsed = bar.tasks[0].elapsed or 0.0
+            if elapsed > 0:
+                bar.update(task, rate=f"{bar.tasks[0].completed / elapsed:,.0f} {unit}/s")
+
+        yield advance

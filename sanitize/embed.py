@@ -1,0 +1,273 @@
+"""Embedding every pair with a checkpoint: one Parquet file per input shard.
+
+Each DataLoader worker takes whole shards (worker i reads shards i, i+W, …), so
+decoding runs in workers, a shard's pairs stay in order, and batches never mix
+shards: the output is identical whatever the number of workers or processes.
+Under `torchrun`, rank r embeds shards r, r+R, … and rank 0 writes `embed.json`.
+A shard's file is written atomically when its last batch is done; a rerun skips
+shards whose file exists, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .pairs import PairSource, Shard, Skips
+from .shards import atomic_write_bytes, atomic_write_json
+
+EMBED_MANIFEST = "embed.json"
+DTYPES = ("float16", "float32")
+
+
+def output_name(shard: Shard) -> str:
+    """`00000.tar` -> `00000.parquet`; any source shard maps to one Parquet file."""
+    return Path(shard.name).stem + ".parquet"
+
+
+@dataclass
+class _ShardDone:
+    """Marker a worker yields after a shard's last batch, with its skip counts."""
+
+    shard_index: int
+    count: int
+    skips: Skips
+
+
+@dataclass
+class _Batch:
+    shard_index: int
+    keys: list[str]
+    captions: list[str]
+    metas: list[dict]
+    images: torch.Tensor
+    tokens: torch.Tensor
+
+
+class _ShardBatches(torch.utils.data.IterableDataset):
+    """Yields batches of decoded, transformed pairs, one shard at a time per worker."""
+
+    def __init__(self, shards: list[tuple[int, Shard]], transform: Callable, tokenizer: Callable,
+                 batch_size: int):
+        self.shards = shards
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[_Batch | _ShardDone]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for position, (index, shard) in enumerate(self.shards):
+            if position % workers != worker:
+                continue
+            skips = Skips()
+            buffer: list = []
+            count = 0
+            for pair in shard.pairs(skips):
+                buffer.append(pair)
+                if len(buffer) == self.batch_size:
+                    yield self._batch(index, buffer)
+                    count += len(buffer)
+                    buffer = []
+            if buffer:
+                yield self._batch(index, buffer)
+                count += len(buffer)
+            yield _ShardDone(index, count, skips)
+
+    def _batch(self, index: int, pairs: list) -> _Batch:
+        images = torch.stack([self.transform(p.image) for p in pairs])
+        captions = [p.caption for p in pairs]
+        return _Batch(index, [p.key for p in pairs], captions, [p.meta for p in pairs], images,
+                      self.tokenizer(captions))
+
+
+def _scalar_meta(metas: list[dict]) -> dict[str, list]:
+    """Source metadata columns worth keeping: scalars only, union over rows."""
+    skip = {"key", "caption", "image_emb", "text_emb", "similarity"}
+    names = sorted({k for m in metas for k, v in m.items()
+                    if k not in skip and (v is None or isinstance(v, (str, int, float, bool)))})
+    columns = {}
+    for name in names:
+        values = [m.get(name) for m in metas]
+        kinds = {type(v) for v in values if v is not None}
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            values = [None if v is None else str(v) for v in values]  # mixed types: keep as text
+        columns[name] = values
+    return columns
+
+
+def embedding_table(keys: list[str], captions: list[str], metas: list[dict], image_emb: np.ndarray,
+                    text_emb: np.ndarray, dtype: str):
+    """The Parquet schema every later stage reads (see docs/pipeline.md)."""
+    import pyarrow as pa
+
+    similarity = np.einsum("nd,nd->n", image_emb.astype(np.float32), text_emb.astype(np.float32))
+    dim = image_emb.shape[1]
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    arrow_type = pa.float16() if dtype == "float16" else pa.float32()
+
+    def vectors(matrix: np.ndarray):
+        flat = pa.array(np.ascontiguousarray(matrix, dtype=np_dtype).reshape(-1), type=arrow_type)
+        return pa.FixedSizeListArray.from_arrays(flat, dim)
+
+    meta = _scalar_meta(metas)
+    columns = {"key": pa.array(keys, pa.string()), "caption": pa.array(captions, pa.string()),
+               "url": pa.array(meta.pop("url", [None] * len(keys)), pa.string())}
+    for name, values in meta.items():
+        columns[name] = pa.array(values)
+    columns["image_emb"] = vectors(image_emb)
+    columns["text_emb"] = vectors(text_emb)
+    columns["similarity"] = pa.array(similarity.astype(np.float32), pa.float32())
+    return pa.table(columns)
+
+
+def _write_table(table, path: Path) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+@dataclass
+class EmbedResult:
+    shards_done: int = 0
+    shards_skipped: int = 0  # already written by an earlier run
+    pairs: int = 0
+    seconds: float = 0.0
+    skips: Skips = field(default_factory=Skips)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs / self.seconds if self.seconds > 0 else 0.0
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) otherwise. Initialises the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable, transform: Callable,
+                 out_dir: str | os.PathLike, *, batch_size: int = 256, dtype: str = "float16",
+                 num_workers: int = 2, device: str = "cpu", rank: int = 0, world_size: int = 1,
+                 on_batch: Callable[[int], None] | None = None) -> EmbedResult:
+    """Embed this rank's shards of `source` into `out_dir`; returns what was done here."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose float16 or float32")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [output_name(s) for s in source.shards]
+    if len(set(names)) != len(names):
+        raise ValueError("two input shards have the same name; embed them into separate folders")
+    result = EmbedResult()
+    todo = []
+    for index, shard in enumerate(source.shards):
+        if index % world_size != rank:
+            continue
+        if (out / names[index]).exists():
+            result.shards_skipped += 1
+        else:
+            todo.append((index, shard))
+    if not todo:
+        return result
+
+    dataset = _ShardBatches(todo, transform, tokenizer, batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                         persistent_workers=False)
+    pending: dict[int, dict[str, list]] = {}
+    model = model.to(device).eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for item in loader:
+            if isinstance(item, _ShardDone):
+                parts = pending.pop(item.shard_index, None)
+                result.skips.counts.update(item.skips.counts)
+                for reason, examples in item.skips.examples.items():
+                    result.skips.examples.setdefault(reason, []).extend(examples)
+                if parts is None:  # a shard with no readable pair still gets its (empty) file
+                    parts = {"keys": [], "captions": [], "metas": [], "image": [], "text": []}
+                dim = _embed_dim(model)
+                image_emb = np.concatenate(parts["image"]) if parts["image"] else np.zeros((0, dim), np.float32)
+                text_emb = np.concatenate(parts["text"]) if parts["text"] else np.zeros((0, dim), np.float32)
+                table = embedding_table(parts["keys"], parts["captions"], parts["metas"], image_emb,
+                                        text_emb, dtype)
+                _write_table(table, out / names[item.shard_index])
+                result.shards_done += 1
+                continue
+            image_emb, text_emb = encode_batch(model, item.images.to(device), item.tokens.to(device))
+            parts = pending.setdefault(item.shard_index,
+                                       {"keys": [], "captions": [], "metas": [], "image": [], "text": []})
+            parts["keys"] += item.keys
+            parts["captions"] += item.captions
+            parts["metas"] += item.metas
+            parts["image"].append(image_emb.float().cpu().numpy())
+            parts["text"].append(text_emb.float().cpu().numpy())
+            result.pairs += len(item.keys)
+            if on_batch:
+                on_batch(len(item.keys))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def encode_batch(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised image and text embeddings."""
+    image_emb = model.encode_image(images, normalize=True)
+    text_emb = model.encode_text(tokens, normalize=True)
+    return image_emb, text_emb
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    projection = getattr(model, "text_projection", None)
+    if isinstance(projection, torch.Tensor):
+        return projection.shape[-1]
+    if hasattr(projection, "out_features"):
+        return projection.out_features
+    return int(getattr(model, "embed_dim", 0) or 0)
+
+
+def write_manifest(out_dir: str | os.PathLike, *, checkpoint: str, source: PairSource, dtype: str,
+                   augment: bool, seconds: float, world_size: int, extra: dict | None = None) -> dict:
+    """Rank 0 writes embed.json once every shard file exists."""
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    files = [output_name(s) for s in source.shards]
+    missing = [f for f in files if not (out / f).exists()]
+    if missing:
+        raise RuntimeError(f"embedding incomplete: {len(missing)} shard file(s) missing, e.g. {missing[0]}")
+    count = sum(pq.ParquetFile(out / f).metadata.num_rows for f in files)
+    schema = pq.ParquetFile(out / files[0]).schema_arrow
+    dim = schema.field("image_emb").type.list_size
+    manifest = {
+        "checkpoint": os.path.abspath(checkpoint),
+        "source": os.path.abspath(source.root) if not any(c in source.root for c in "{*?") else source.root,
+        "source_format": source.format,
+        "dtype": dtype, "dim": dim, "augment": augment, "count": count,
+        "shards": files, "seconds": round(seconds, 3), "world_size": world_size,
+    }
+    manifest.update(extra or {})
+    atomic_write_json(out / EMBED_MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(emb_dir: str | os.PathLike) -> dict:
+    path = Path(emb_dir) / EMBED_MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{emb_dir}: no {EMBED_MANIFEST} (not a finished `safeclip embed` output)")
+    return json.loads(path.read_text())
