@@ -31,6 +31,7 @@ def embed(
     """
     import torch
 
+    from sanitize.augment import eval_transform, train_transform
     from sanitize.checkpoint import load_checkpoint
     from sanitize.embed import distributed_context, embed_source, write_manifest
     from sanitize.pairs import CsvOptions, open_pairs
@@ -47,13 +48,9 @@ def embed(
         if device.startswith("cuda") and world > 1:
             device = f"cuda:{int(__import__('os').environ.get('LOCAL_RANK', 0))}"
         if augment:
-            from sanitize.augment import image_view_transform
-
             torch.manual_seed(seed + rank)
-            transform = image_view_transform(image_size)
+            transform = train_transform(image_size)
         else:
-            from sanitize.models import eval_transform
-
             transform = eval_transform(image_size)
 
         total = pair_source.count_hint()

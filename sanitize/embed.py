@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .models import encode_pairs
 from .pairs import PairSource, Shard, Skips
 from .shards import atomic_write_bytes, atomic_write_json
 
@@ -210,7 +211,7 @@ def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable
                 _write_table(table, out / names[item.shard_index])
                 result.shards_done += 1
                 continue
-            image_emb, text_emb = encode_batch(model, item.images.to(device), item.tokens.to(device))
+            image_emb, text_emb = encode_pairs(model, item.images.to(device), item.tokens.to(device))
             parts = pending.setdefault(item.shard_index,
                                        {"keys": [], "captions": [], "metas": [], "image": [], "text": []})
             parts["keys"] += item.keys
@@ -223,13 +224,6 @@ def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable
                 on_batch(len(item.keys))
     result.seconds = time.perf_counter() - start
     return result
-
-
-def encode_batch(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised image and text embeddings."""
-    image_emb = model.encode_image(images, normalize=True)
-    text_emb = model.encode_text(tokens, normalize=True)
-    return image_emb, text_emb
 
 
 def _embed_dim(model: torch.nn.Module) -> int:
