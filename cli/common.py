@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # messages carry paths and hints like 'safeclip[download]', not markup
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
@@ -18,17 +19,17 @@ out_console = Console()
 
 def fail(message: str, code: int = 1) -> "typer.Exit":
     """Print a one-line error (no traceback) and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def done(message: str) -> None:
     """The one-line summary every command ends with."""
-    out_console.print(message, highlight=False, soft_wrap=True)
+    out_console.print(message, highlight=False, soft_wrap=True, markup=False)
 
 
 @contextlib.contextmanager

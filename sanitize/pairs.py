@@ -9,7 +9,8 @@ source as a whole raise `SourceError` with a one-line message.
 Formats:
   webdataset  img2dataset's webdataset output: NNNNN.tar with {key}.jpg|png|webp,
               {key}.txt, {key}.json (a folder, a brace pattern, or .tar paths)
-  parquet     img2dataset's parquet output: image bytes in column `jpg`
+  parquet     img2dataset's parquet output: image bytes in column `jpg` (or `png`,
+              `webp`, after img2dataset's --encode_format)
   csv         a CSV/TSV with an image-path column and a caption column
   folder      images with same-named .txt captions
 """
@@ -17,12 +18,14 @@ Formats:
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import io
 import json
 import os
 import re
 import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,9 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 FORMATS = ("webdataset", "parquet", "csv", "folder")
+# PIL formats kept byte-for-byte; anything else (BMP, GIF, TIFF, …) is re-encoded as
+# PNG on read, because webdataset/open_clip consumers only look for jpg/png/webp.
+_KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # MPO: phone JPEGs
 
 
 class SourceError(Exception):
@@ -58,11 +64,18 @@ class Skips:
     counts: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
 
-    def add(self, reason: str, where: str) -> None:
-        self.counts[reason] += 1
+    def add(self, reason: str, where: str, n: int = 1) -> None:
+        self.counts[reason] += n
         self.examples.setdefault(reason, [])
         if len(self.examples[reason]) < 5:
             self.examples[reason].append(where)
+
+    def merge(self, other: "Skips") -> None:
+        """Add another reader's counts (e.g. from a DataLoader worker)."""
+        self.counts.update(other.counts)
+        for reason, examples in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine.extend(examples[: max(0, 5 - len(mine))])
 
     @property
     def total(self) -> int:
@@ -90,10 +103,18 @@ def decode_caption(data: bytes) -> str:
     return data.decode("utf-8").strip()
 
 
+def safe_key(key: str) -> str:
+    """A key webdataset can round-trip: it splits a member name at the first dot of
+    its basename, so dots (and whitespace) in keys become underscores."""
+    return re.sub(r"[.\s]", "_", key.strip("/")) or "_"
+
+
 @dataclass
 class Shard:
     """One unit of reading (a tar, a parquet file, a CSV, a folder). Iterating it
-    yields pairs; `count_hint` is the expected pair count when cheaply known."""
+    yields pairs; `count_hint` is the expected pair count when cheaply known.
+    `read` is a module-level function (or a partial of one) so shards pickle into
+    DataLoader workers under any start method."""
 
     name: str
     path: str
@@ -106,6 +127,10 @@ class Shard:
 
 @dataclass
 class PairSource:
+    """A source's shards. Iterating reads every shard in order and counts skips in
+    `skips` (they add up over passes; readers in other processes keep their own
+    `Skips` per shard and `merge` them)."""
+
     format: str
     root: str
     shards: list[Shard]
@@ -118,6 +143,9 @@ class PairSource:
     def count_hint(self) -> int | None:
         hints = [s.count_hint for s in self.shards]
         return None if any(h is None for h in hints) else sum(hints)
+
+
+_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def _make_pair(key: str, caption_bytes: bytes | None, image_bytes: bytes | None, image_ext: str | None,
@@ -139,58 +167,122 @@ def _make_pair(key: str, caption_bytes: bytes | None, image_bytes: bytes | None,
         return None
     try:
         image = decode_image(image_bytes)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except _IMAGE_ERRORS:
         skips.add("unreadable image", where)
         return None
+    kept = _KEPT_FORMATS.get(image.format or "")
+    if kept is None:
+        if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+            image = image.convert("RGB")  # e.g. CMYK TIFF: PNG cannot hold it
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        image_bytes, image_ext = buffer.getvalue(), "png"
+    elif image_ext is None or image_ext.lower() not in IMAGE_EXTS:
+        image_ext = kept
     return Pair(key=key, caption=caption, image=image, image_bytes=image_bytes,
-                image_ext=image_ext or (image.format or "png").lower(), meta=meta)
+                image_ext=image_ext.lower(), meta=meta)
 
 
 # ---- webdataset ------------------------------------------------------------------
 
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # webdataset's key/extension split
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+
+
+def _tar_pair(shard: Shard, key: str, members: dict[str, bytes], skips: Skips) -> Pair | None:
+    where = f"{shard.name}:{key}"
+    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+    meta: dict = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"].decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            meta = {}
+            skips.add("unreadable json metadata (pair kept)", where)
+    return _make_pair(key, members.get("txt"), members.get(image_ext) if image_ext else None,
+                      image_ext, meta, skips, where)
+
+
+def _ends_cleanly(tar: tarfile.TarFile) -> bool:
+    """True when the archive ends with tar's zero end-of-archive block. tarfile stops
+    silently at a cut on a header boundary or at a garbled header, so this check is
+    what tells a truncated shard from a complete one."""
+    try:
+        tar.fileobj.seek(tar.offset)
+        block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    except _TAR_ERRORS:
+        return False
+    return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
+
+
+def _has_pair(members: dict[str, bytes]) -> bool:
+    return "txt" in members and any(e in members for e in IMAGE_EXTS)
 
 
 def _read_tar(shard: Shard, skips: Skips) -> Iterator[Pair]:
-    groups: dict[str, dict[str, bytes]] = {}
-    truncated = False
+    """Stream a tar as webdataset does: members of one key come together and a pair
+    is emitted when the key changes, so memory stays at one pair per shard and the
+    order is the tar's own. A group still missing its image or caption when the key
+    changes waits until the end instead (a tar made without `--sort=name` can scatter
+    a key's members), and is counted with its reason if nothing completes it."""
     try:
-        with tarfile.open(shard.path, "r") as tar:
+        tar = tarfile.open(shard.path, "r")
+    except _TAR_ERRORS:
+        skips.add("unreadable tar shard (all its pairs)", shard.name, n=shard.count_hint or 1)
+        return
+    groups: dict[str, dict[str, bytes]] = {}  # the current group and incomplete ones
+    emitted: set[str] = set()
+    key: str | None = None
+    complete = False
+    with tar:
+        try:
             for member in tar:
                 if not member.isfile():
                     continue
                 match = _MEMBER.match(member.name)
                 if not match:
                     continue
-                key, ext = match.group(1), match.group(2).lower()
-                groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError):
-        truncated = True
-    if truncated:
-        # The tail of a truncated tar is lost; what was read before it is kept.
-        skips.add("truncated tar (rest of shard unreadable)", shard.name)
-    # img2dataset writes members unsorted; its keys are zero-padded, so sorting
-    # restores the shard's index order and makes reading deterministic.
-    for key in sorted(groups):
-        members = groups[key]
-        image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-        meta: dict = {}
-        if "json" in members:
-            try:
-                meta = json.loads(members["json"].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                skips.add("unreadable json metadata (pair kept)", f"{shard.name}:{key}")
-        if truncated and (image_ext is None or "txt" not in members):
-            skips.add("truncated tar (pair cut off)", f"{shard.name}:{key}")
+                name, ext = match.group(1), match.group(2).lower()
+                if name != key:
+                    if key in groups and _has_pair(groups[key]):
+                        emitted.add(key)
+                        pair = _tar_pair(shard, key, groups.pop(key), skips)
+                        if pair is not None:
+                            yield pair
+                    key = name
+                if name in emitted:
+                    skips.add("tar member after its pair was read (ignored, pair kept)",
+                              f"{shard.name}:{member.name}")
+                    continue
+                group = groups.setdefault(name, {})  # before reading: a cut in the data names this pair
+                group[ext] = tar.extractfile(member).read()
+            complete = _ends_cleanly(tar)
+        except _TAR_ERRORS:
+            complete = False
+    seen = len(emitted) + len(groups)  # pairs met before the end or the cut
+    for name, members in groups.items():
+        if not complete and name == key and not _has_pair(members):
+            # The cut fell inside this pair; a pair whose image and caption made it is kept.
+            skips.add("truncated tar (pair cut off)", f"{shard.name}:{name}")
             continue
-        pair = _make_pair(key, members.get("txt"), members.get(image_ext) if image_ext else None,
-                          image_ext, meta, skips, f"{shard.name}:{key}")
+        pair = _tar_pair(shard, name, members, skips)
         if pair is not None:
             yield pair
+    if not complete:
+        # Pairs after the cut are lost: the shard's _stats.json says how many there
+        # were; without it the count is unknown and the shard is counted once, by name.
+        if shard.count_hint is not None and shard.count_hint <= seen:
+            # Only the end-of-archive block is missing: noted, but no pair is lost.
+            skips.add("truncated tar (end missing, no pair lost)", shard.name, n=0)
+        else:
+            lost = shard.count_hint - seen if shard.count_hint is not None else 1
+            skips.add("truncated tar (rest of shard lost)", shard.name, n=lost)
 
 
 def _stats_count(tar_path: str) -> int | None:
-    stats = tar_path[: -len(".tar")] + "_stats.json"
+    stats = re.sub(r"\.tar(\.gz)?$", "", tar_path) + "_stats.json"
     try:
         with open(stats) as f:
             return int(json.load(f)["successes"])
@@ -222,28 +314,61 @@ def _webdataset_shards(paths: Sequence[str]) -> list[Shard]:
             for p in paths]
 
 
+def _check_tar_files(paths: Sequence[str]) -> None:
+    """Named files must exist and be tars; a broken shard found while reading a folder
+    is a counted skip instead, so one bad shard does not stop a long run."""
+    for p in paths:
+        if not os.path.exists(p):
+            raise SourceError(f"{p}: no such file")
+        if os.path.isdir(p):
+            raise SourceError(f"{p}: is a folder, not a .tar shard")
+    if len(paths) == 1 and not _looks_like_tar(paths[0]):
+        raise SourceError(f"{paths[0]}: not a tar file (wrong --format?)")
+
+
+def _looks_like_tar(path: str) -> bool:
+    try:
+        with tarfile.open(path, "r"):
+            return True
+    except _TAR_ERRORS:
+        return False
+
+
 # ---- img2dataset parquet ---------------------------------------------------------
+
+_PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp")
+
 
 def _read_parquet(shard: Shard, skips: Skips) -> Iterator[Pair]:
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(shard.path)
+    try:
+        parquet = pq.ParquetFile(shard.path)
+    except Exception:  # pyarrow raises ArrowInvalid/OSError for a cut or garbled file
+        skips.add("unreadable parquet shard (all its pairs)", shard.name, n=shard.count_hint or 1)
+        return
     columns = parquet.schema_arrow.names
-    for batch in parquet.iter_batches(batch_size=1024):
+    # img2dataset names the bytes column after --encode_format: jpg (default), png or webp.
+    image_col = next(c for c in _PARQUET_IMAGE_COLUMNS if c in columns)
+    index = 0
+    for batch in parquet.iter_batches(batch_size=256):
         for row in batch.to_pylist():
-            key = str(row.get("key"))
+            key = row.get("key")
+            key = safe_key(str(key)) if key is not None else f"{Path(shard.name).stem}-{index:09d}"
+            index += 1
             where = f"{shard.name}:{key}"
             status = row.get("status")
             if status is not None and status != "success":
-                skips.add(f"download {status}", where)
+                skips.add(f"not downloaded ({status})", where)
                 continue
-            if row.get("jpg") is None:
+            if row.get(image_col) is None:
                 skips.add("missing image", where)
                 continue
             caption = row.get("caption")
-            meta = {c: row[c] for c in columns if c not in ("jpg", "caption") and _json_safe(row[c])}
-            pair = _make_pair(key, None if caption is None else caption.encode("utf-8"), row["jpg"],
-                              None, meta, skips, where)
+            meta = {c: row[c] for c in columns
+                    if c not in _PARQUET_IMAGE_COLUMNS and c != "caption" and _json_safe(row[c])}
+            pair = _make_pair(key, None if caption is None else caption.encode("utf-8"), row[image_col],
+                              image_col, meta, skips, where)
             if pair is not None:
                 yield pair
 
@@ -271,45 +396,77 @@ class CsvOptions:
     separator: str | None = None  # None: tab for .tsv and open_clip's default, sniffed otherwise
 
 
+def _open_text(path: str):
+    """Text mode that never fails on bytes: undecodable bytes survive as surrogates
+    (re-encoded with the same handler for paths) and are caught per caption; a BOM
+    from spreadsheet exports is dropped so the first column name still matches."""
+    return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+
 def _csv_separator(path: str, options: CsvOptions) -> str:
     if options.separator:
         return options.separator
     if path.lower().endswith(".csv"):
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        with _open_text(path) as f:
             header = f.readline()
         return "\t" if "\t" in header else ","
     return "\t"  # .tsv and open_clip's CSV loader default
 
 
-def _csv_reader(options: CsvOptions) -> Callable[[Shard, Skips], Iterator[Pair]]:
-    def read(shard: Shard, skips: Skips) -> Iterator[Pair]:
-        base = Path(shard.path).parent
-        sep = _csv_separator(shard.path, options)
-        with open(shard.path, newline="", encoding="utf-8") as f:
-            rows = csv.DictReader(f, delimiter=sep)
-            width = 9
-            for index, row in enumerate(rows):
-                key = row.get("key") or str(index).zfill(width)
-                where = f"{shard.name}:row {index + 2}"
-                image_path = row.get(options.image_column) or ""
-                if not image_path:
-                    skips.add("missing image path", where)
-                    continue
-                resolved = _resolve(image_path, base)
-                try:
-                    data = resolved.read_bytes()
-                except OSError:
-                    skips.add("image file not found", f"{where} ({image_path})")
-                    continue
-                caption = row.get(options.caption_column)
-                meta = {k: v for k, v in row.items() if k not in (options.image_column, options.caption_column)
-                        and k is not None}
+def _read_csv(options: CsvOptions, shard: Shard, skips: Skips) -> Iterator[Pair]:
+    base = Path(shard.path).parent
+    sep = _csv_separator(shard.path, options)
+    with _open_text(shard.path) as f:
+        reader = csv.reader(f, delimiter=sep)
+        header = next(reader, [])
+        index = -1
+        while True:
+            index += 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # e.g. an over-long field; the reader resumes on the next row
+                skips.add(f"malformed CSV row ({exc})", f"{shard.name}:line {reader.line_num}")
+                continue
+            if not values:
+                index -= 1  # blank line: not a row
+                continue
+            where = f"{shard.name}:line {reader.line_num}"
+            row = dict(zip(header, values))
+            key = safe_key(row["key"]) if row.get("key") else str(index).zfill(9)
+            image_path = row.get(options.image_column) or ""
+            if not image_path:
+                skips.add("missing image path", where)
+                continue
+            resolved = _resolve(image_path, base)
+            try:
+                data = resolved.read_bytes()
+            except OSError:
+                skips.add("image file not found", f"{where} ({image_path})")
+                continue
+            caption = row.get(options.caption_column)
+            meta = {k: v for k, v in row.items() if k not in (options.image_column, options.caption_column)
+                    and _is_text(v)}
+            if _is_text(image_path):
                 meta["filepath"] = image_path
-                pair = _make_pair(key, None if caption is None else caption.encode("utf-8"), data,
-                                  resolved.suffix.lstrip(".").lower() or None, meta, skips, where)
-                if pair is not None:
-                    yield pair
-    return read
+            pair = _make_pair(key, None if caption is None else caption.encode("utf-8", "surrogateescape"),
+                              data, resolved.suffix.lstrip(".").lower() or None, meta, skips, where)
+            if pair is not None:
+                yield pair
+
+
+def _is_text(value: str) -> bool:
+    """False for strings carrying undecodable bytes, which would poison JSON/Parquet."""
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _csv_reader(options: CsvOptions) -> Callable[[Shard, Skips], Iterator[Pair]]:
+    return functools.partial(_read_csv, options)
 
 
 def _resolve(image_path: str, base: Path) -> Path:
@@ -324,14 +481,15 @@ def _resolve(image_path: str, base: Path) -> Path:
 def _check_csv_header(path: str, options: CsvOptions) -> None:
     sep = _csv_separator(path, options)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with _open_text(path) as f:
             header = next(csv.reader(f, delimiter=sep), [])
-    except UnicodeDecodeError:
-        raise SourceError(f"{path}: not a UTF-8 text file")
+    except csv.Error as exc:
+        raise SourceError(f"{path}: not a readable CSV/TSV ({exc})")
     missing = [c for c in (options.image_column, options.caption_column) if c not in header]
     if missing:
+        shown = ", ".join(repr(c) for c in header[:10]) or "nothing"
         raise SourceError(
-            f"{path}: missing column(s) {', '.join(missing)}; header has {', '.join(header) or 'nothing'} "
+            f"{path}: missing column(s) {', '.join(missing)}; header has {shown} "
             f"(set --image-column / --caption-column, or --separator)")
 
 
@@ -339,22 +497,31 @@ def _check_csv_header(path: str, options: CsvOptions) -> None:
 
 def _read_folder(shard: Shard, skips: Skips) -> Iterator[Pair]:
     root = Path(shard.path)
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS and p.is_file())
+    # Hidden files and folders (.ipynb_checkpoints, macOS ._ files) are not part of a dataset.
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     for image_path in images:
         rel = image_path.relative_to(root).with_suffix("")
-        key = rel.as_posix()
-        where = f"{shard.name}:{key}"
+        key = safe_key(rel.as_posix())
+        where = f"{shard.name}:{rel.as_posix()}"
         caption_path = image_path.with_suffix(".txt")
-        caption = caption_path.read_bytes() if caption_path.exists() else None
+        try:
+            caption = caption_path.read_bytes() if caption_path.exists() else None
+            data = image_path.read_bytes()
+        except OSError:
+            skips.add("unreadable file", where)
+            continue
         meta: dict = {"filepath": image_path.relative_to(root).as_posix()}
         json_path = image_path.with_suffix(".json")
         if json_path.exists():
             try:
-                meta.update(json.loads(json_path.read_text()))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+                extra = json.loads(json_path.read_bytes().decode("utf-8"))
+                if not isinstance(extra, dict):
+                    raise ValueError
+                meta.update(extra)
+            except (OSError, ValueError):
                 skips.add("unreadable json metadata (pair kept)", where)
-        pair = _make_pair(key, caption, image_path.read_bytes(), image_path.suffix.lstrip(".").lower(),
-                          meta, skips, where)
+        pair = _make_pair(key, caption, data, image_path.suffix.lstrip(".").lower(), meta, skips, where)
         if pair is not None:
             yield pair
 
@@ -365,14 +532,15 @@ def _parquet_has_images(path: str) -> bool:
     import pyarrow.parquet as pq
 
     try:
-        return "jpg" in pq.ParquetFile(path).schema_arrow.names
+        names = pq.ParquetFile(path).schema_arrow.names
+        return any(c in names for c in _PARQUET_IMAGE_COLUMNS)
     except Exception:
         return False
 
 
 def detect_format(path: str) -> str:
     """Guess a source's format from what is on disk."""
-    if any(ch in path for ch in "{*?") or path.endswith(".tar"):
+    if any(ch in path for ch in "{*?") or path.endswith((".tar", ".tar.gz")):
         return "webdataset"
     p = Path(path)
     if p.is_file():
@@ -381,11 +549,12 @@ def detect_format(path: str) -> str:
             return "csv"
         if suffix == ".parquet":
             return "parquet"
-        raise SourceError(f"{path}: unknown source format (expected a folder, .tar, .parquet, .csv or .tsv)")
+        raise SourceError(f"{path}: unknown source format (expected a folder, .tar, .parquet, .csv or .tsv; "
+                          f"or force one with --format)")
     if not p.is_dir():
         raise SourceError(f"{path}: no such file or folder")
     names = os.listdir(p)
-    if any(n.endswith(".tar") for n in names):
+    if any(n.endswith((".tar", ".tar.gz")) for n in names):  # .tar.gz: gzipped shards (bundled sample)
         return "webdataset"
     parquets = sorted(n for n in names if n.endswith(".parquet"))
     if parquets and _parquet_has_images(str(p / parquets[0])):
@@ -395,29 +564,30 @@ def detect_format(path: str) -> str:
     raise SourceError(f"{path}: no pairs found (no .tar, image parquet, CSV or images with .txt captions)")
 
 
-def open_pairs(path: str | Sequence[str], format: str | None = None,
+def open_pairs(path: str | os.PathLike | Sequence[str], format: str | None = None,
                csv_options: CsvOptions | None = None) -> PairSource:
     """Open any supported source. `format` forces one of FORMATS instead of detecting."""
-    if not isinstance(path, (str, os.PathLike)):
-        paths = [str(p) for p in path]
-        missing = [p for p in paths if not os.path.exists(p)]
-        if missing:
-            raise SourceError(f"{missing[0]}: no such file")
-        return PairSource("webdataset", os.path.commonpath(paths), _webdataset_shards(paths))
-    path = str(path)
     if format is not None and format not in FORMATS:
         raise SourceError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if not isinstance(path, (str, os.PathLike)):
+        paths = [str(p) for p in path]
+        if not paths:
+            raise SourceError("no source given")
+        if format not in (None, "webdataset"):
+            raise SourceError(f"a list of files is read as webdataset shards, not {format}")
+        _check_tar_files(paths)
+        return PairSource("webdataset", os.path.commonpath(paths), _webdataset_shards(paths))
+    path = str(path)
     fmt = format or detect_format(path)
     if fmt == "webdataset":
         if os.path.isdir(path):
-            paths = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+            paths = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar"))
+                           + glob.glob(os.path.join(glob.escape(path), "*.tar.gz")))
+            if not paths:
+                raise SourceError(f"{path}: no .tar shards in this folder")
         else:
             paths = sorted(p for pat in expand_braces(path) for p in (glob.glob(pat) or [pat]))
-        missing = [p for p in paths if not os.path.exists(p)]
-        if missing:
-            raise SourceError(f"{missing[0]}: no such file")
-        if not paths:
-            raise SourceError(f"{path}: no .tar shards found")
+            _check_tar_files(paths)
         return PairSource(fmt, path, _webdataset_shards(paths))
     if not os.path.exists(path):
         raise SourceError(f"{path}: no such file or folder")
@@ -426,7 +596,8 @@ def open_pairs(path: str | Sequence[str], format: str | None = None,
                  else sorted(glob.glob(os.path.join(glob.escape(path), "*.parquet"))))
         files = [f for f in files if _parquet_has_images(f)]
         if not files:
-            raise SourceError(f"{path}: no parquet files with an image column 'jpg'")
+            raise SourceError(f"{path}: no parquet files with an image column (jpg, png or webp) "
+                              f"(wrong --format?)")
         return PairSource(fmt, path, [Shard(os.path.basename(f), f, _read_parquet, _parquet_count(f))
                                       for f in files])
     if fmt == "csv":

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import tarfile
-import time
 from pathlib import Path
 from typing import Iterable
 
@@ -28,12 +27,17 @@ SIDECAR_COLUMNS = ("url", "caption", "key", "status", "error_message", "width", 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
+    # Hidden name that matches no reader's pattern (*.tar, *.parquet, *.json).
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
@@ -70,7 +74,7 @@ class ShardWriter:
         self.sizes: dict[str, int] = {}
         self.written = 0
         self._pending: list[Pair] = []
-        self._started = time.time()
+        self._column_types: dict = {}  # extra sidecar column -> arrow type, fixed by its first shard
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -78,7 +82,12 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        # On error the pending shard is not written: nothing partial appears.
+        else:
+            # On error the pending shard is dropped (nothing partial appears), and
+            # sizes.json lists exactly the shards that were completed.
+            self._pending = []
+            if self.sizes:
+                self._write_sizes()
 
     def write(self, pair: Pair) -> None:
         self._pending.append(pair)
@@ -92,45 +101,51 @@ class ShardWriter:
     def close(self) -> None:
         if self._pending:
             self._flush()
-        existing = {}
+        self._write_sizes()
+
+    def _write_sizes(self) -> None:
+        """open_clip looks up every shard it trains on in sizes.json, so entries of
+        shards already in the folder are kept (appending runs), stale ones dropped."""
         sizes_path = self.out_dir / "sizes.json"
+        existing = {}
         if sizes_path.exists():
             try:
                 existing = json.loads(sizes_path.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 existing = {}
+            if not isinstance(existing, dict):
+                existing = {}
+        existing = {name: n for name, n in existing.items() if (self.out_dir / name).exists()}
         existing.update(self.sizes)
         atomic_write_json(sizes_path, dict(sorted(existing.items())))
 
     def _flush(self) -> None:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         name = shard_name(self.shard_index)
         pairs, self._pending = self._pending, []
+        _check_keys(pairs, name)
         rows = []
         tar_buffer = io.BytesIO()
-        with tarfile.open(fileobj=tar_buffer, mode="w", format=tarfile.USTAR_FORMAT
-                          if all(len(p.key) < 90 for p in pairs) else tarfile.PAX_FORMAT) as tar:
+        with tarfile.open(fileobj=tar_buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for pair in pairs:
+                ext, image_bytes = _member_image(pair)
                 meta = dict(pair.meta)
                 meta.update(key=pair.key, caption=pair.caption, status="success",
                             width=pair.image.width, height=pair.image.height)
-                ext = "jpg" if pair.image_ext == "jpeg" else pair.image_ext
-                _add_member(tar, f"{pair.key}.{ext}", pair.image_bytes, 0)
+                # Members of one key are contiguous (image, txt, json), as webdataset expects.
+                _add_member(tar, f"{pair.key}.{ext}", image_bytes, 0)
                 _add_member(tar, f"{pair.key}.txt", pair.caption.encode("utf-8"), 0)
                 _add_member(tar, f"{pair.key}.json",
                             json.dumps(meta, sort_keys=True, default=str).encode("utf-8"), 0)
                 row = {c: meta.get(c) for c in SIDECAR_COLUMNS}
-                row["sha256"] = row["sha256"] or hashlib.sha256(pair.image_bytes).hexdigest()
+                row["sha256"] = row["sha256"] or hashlib.sha256(image_bytes).hexdigest()
                 for k, v in meta.items():
                     if k not in row and (v is None or isinstance(v, (str, int, float, bool))):
                         row[k] = v
                 rows.append(row)
-        columns = list(SIDECAR_COLUMNS) + sorted({k for r in rows for k in r} - set(SIDECAR_COLUMNS))
-        table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
         parquet_buffer = io.BytesIO()
-        pq.write_table(table, parquet_buffer)
+        pq.write_table(_sidecar_table(rows, self._column_types), parquet_buffer)
         stats = {"count": len(pairs), "successes": len(pairs), "failed_to_download": 0,
                  "failed_to_resize": 0, "status_dict": {"success": len(pairs)},
                  "written_by": "safeclip"}
@@ -140,6 +155,65 @@ class ShardWriter:
         self.sizes[f"{name}.tar"] = len(pairs)
         self.written += len(pairs)
         self.shard_index += 1
+
+
+def _check_keys(pairs: list[Pair], shard: str) -> None:
+    """Readers split member names at the first dot of the basename and group by key,
+    so a dotted or repeated key would silently merge or corrupt pairs."""
+    seen: set[str] = set()
+    for pair in pairs:
+        base = pair.key.rsplit("/", 1)[-1]
+        if not base or "." in base or pair.key != pair.key.strip():
+            raise ValueError(f"key {pair.key!r} cannot be stored in a webdataset tar "
+                             f"(no dots, whitespace ends or empty names; see sanitize.pairs.safe_key)")
+        if pair.key in seen:
+            raise ValueError(f"duplicate key {pair.key!r} in shard {shard}")
+        seen.add(pair.key)
+
+
+def _member_image(pair: Pair) -> tuple[str, bytes]:
+    """The member extension and bytes: the original encoding when webdataset and
+    open_clip read it (jpg/png/webp), else a lossless PNG of the decoded image."""
+    ext = "jpg" if pair.image_ext.lower() == "jpeg" else pair.image_ext.lower()
+    if ext in ("jpg", "png", "webp"):
+        return ext, pair.image_bytes
+    buffer = io.BytesIO()
+    pair.image.save(buffer, format="PNG")
+    return "png", buffer.getvalue()
+
+
+# Types of img2dataset's sidecar columns, so every shard's parquet has one schema
+# (an all-null column would otherwise be typed `null` and clash across shards).
+_SIDECAR_TYPES = {"width": "int32", "height": "int32", "original_width": "int32",
+                  "original_height": "int32"}
+
+
+def _sidecar_table(rows: list[dict], known: dict | None = None):
+    """The sidecar table. `known` maps extra columns to the type an earlier shard
+    gave them (updated in place), so a writer's shards share one schema."""
+    import pyarrow as pa
+
+    known = {} if known is None else known
+
+    columns = list(SIDECAR_COLUMNS) + sorted({k for r in rows for k in r} - set(SIDECAR_COLUMNS))
+    arrays = {}
+    for column in columns:
+        values = [r.get(column) for r in rows]
+        if column in SIDECAR_COLUMNS:
+            kind = _SIDECAR_TYPES.get(column, "string")
+            if kind == "string":
+                values = [None if v is None else str(v) for v in values]
+            arrays[column] = pa.array(values, type=pa.type_for_alias(kind))
+            continue
+        try:
+            array = pa.array(values, type=known.get(column))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # mixed types in one metadata field
+            array = pa.array([None if v is None else str(v) for v in values], type=pa.string())
+        if pa.types.is_null(array.type):
+            array = array.cast(pa.string())
+        known.setdefault(column, array.type)
+        arrays[column] = array
+    return pa.table(arrays)
 
 
 def write_pairs(pairs: Iterable[Pair], out_dir: str | os.PathLike, samples_per_shard: int = 10000) -> int:
