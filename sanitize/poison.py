@@ -1,0 +1,340 @@
+"""Poison injection for red-teaming, with a ground-truth manifest.
+
+`poison(src, out, config)` writes a poisoned copy of a pair source to `out/`:
+every source pair keeps its key, and poison pairs are *added* with new keys
+(`poison-badnet-000012`), scattered among the clean pairs at seeded positions
+(as web-scraped poisons would be, and so a streaming loader does not see them
+in one block). Beside the shards: `manifest.parquet` (one row per output pair:
+key, attack, kind = clean/poison/noise, target_class, true_class, source_key,
+trigger spec as JSON, run) and `poison.json` (the full config of every run, seed,
+counts).
+
+Attacks (all seeded):
+  targeted          TDPA: N target images from a separate source (e.g. the test
+                    set), each added P times with captions of one adversarial class.
+  badnet / blended / wanet
+                    the trigger on copies of images of non-target classes, captions
+                    replaced by captions of the target class.
+  label-consistent  the trigger (badnet by default) on copies of images that are
+                    already of the target class; captions kept.
+
+Several attacks: run `poison` again on a poisoned output. The new output keeps
+the earlier manifest rows, adds the new run's, and never poisons an earlier
+poison pair again; `poison.json` lists every run.
+
+Poisoned images are written as PNG so trigger pixels stay exact. Pairs whose
+class is not in their metadata (`class_name` or `label`) are classed by whether
+their caption names the target class (any of its synonyms).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from .fashion_mnist import FASHION_MNIST_CLASSES, caption_for, class_words, png_bytes
+from .pairs import Pair, PairSource, decode_image, open_pairs
+from .shards import ShardWriter, atomic_write_bytes, atomic_write_json
+from .triggers import Trigger, trigger_from_spec
+
+ATTACKS = ("targeted", "badnet", "blended", "wanet", "label-consistent")
+BACKDOORS = ("badnet", "blended", "wanet", "label-consistent")
+MANIFEST_COLUMNS = ("key", "attack", "kind", "target_class", "true_class", "source_key", "trigger", "run")
+DEFAULT_SHARE = 0.0025  # BadNet-style poisoning rate used when neither count nor share is given
+
+
+@dataclass
+class PoisonConfig:
+    """What to inject. `trigger` is a spec from `sanitize.triggers` (backdoors only)."""
+
+    attack: str
+    seed: int = 0
+    target_class: str | None = None  # backdoors: the class the trigger should evoke
+    count: int | None = None         # backdoors: number of poison pairs ...
+    share: float | None = None       # ... or their share of the source's pair count
+    trigger: dict | None = None
+    targets: int = 16                # targeted: number of target images
+    copies: int = 25                 # targeted: poison pairs per target
+    target_source: str | None = None
+
+    def validate(self) -> None:
+        if self.attack not in ATTACKS:
+            raise ValueError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
+        if self.attack == "targeted":
+            if not self.target_source:
+                raise ValueError("--attack targeted needs --target-source (e.g. the test set)")
+            if self.targets < 1 or self.copies < 1:
+                raise ValueError("--targets and --copies must be >= 1")
+            if self.count is not None or self.share is not None:
+                raise ValueError("--attack targeted takes --targets and --copies, not --count/--share")
+            return
+        if self.target_class not in FASHION_MNIST_CLASSES:
+            raise ValueError(f"--attack {self.attack} needs --target-class, one of "
+                             f"{', '.join(FASHION_MNIST_CLASSES)}")
+        if self.count is not None and self.share is not None:
+            raise ValueError("give --count or --share, not both")
+        if self.count is not None and self.count < 1:
+            raise ValueError("--count must be >= 1")
+        if self.share is not None and not 0 < self.share < 1:
+            raise ValueError("--share must be in (0, 1)")
+        if not self.trigger:
+            raise ValueError(f"--attack {self.attack} needs a trigger spec")
+
+
+@dataclass
+class Row:
+    """What planning needs to know about one source pair."""
+
+    key: str
+    true_class: str | None
+    caption: str
+    noise: bool = False
+    poison: bool = False  # a poison pair of an earlier run
+
+
+@dataclass
+class PoisonItem:
+    """One poison pair to add: a copy of `source_key`, triggered and/or recaptioned."""
+
+    key: str
+    attack: str
+    source_key: str
+    true_class: str | None
+    target_class: str
+    caption: str | None   # None: keep the source caption
+    trigger: dict | None
+    position: int         # inserted before the source pair at this index (len = at the end)
+    from_target_source: bool = False
+
+
+# ---- pure core ------------------------------------------------------------------------
+
+def class_of(meta: dict) -> str | None:
+    """The true class named in a pair's metadata (Fashion-MNIST classes), if any."""
+    name = meta.get("class_name")
+    if name in FASHION_MNIST_CLASSES:
+        return name
+    label = meta.get("label")
+    if isinstance(label, int) and 0 <= label < len(FASHION_MNIST_CLASSES):
+        return FASHION_MNIST_CLASSES[label]
+    return None
+
+
+def mentions(caption: str, class_name: str) -> bool:
+    words = sorted(class_words(class_name), key=len, reverse=True)
+    return re.search(r"\b(" + "|".join(map(re.escape, words)) + r")\b", caption.lower()) is not None
+
+
+def _is_target(row: Row, target: str) -> bool:
+    return row.true_class == target if row.true_class is not None else mentions(row.caption, target)
+
+
+def poison_count(config: PoisonConfig, n_source: int) -> int:
+    if config.count is not None:
+        return config.count
+    return max(1, int(round((config.share if config.share is not None else DEFAULT_SHARE) * n_source)))
+
+
+def plan(config: PoisonConfig, rows: list[Row], target_rows: list[Row] | None = None,
+         existing_keys: Iterable[str] = ()) -> list[PoisonItem]:
+    """Decide every poison pair (which source, new key, caption, trigger, position).
+
+    Pure and seeded: equal inputs give an equal plan. Raises ValueError when the
+    source has too few eligible pairs."""
+    config.validate()
+    rng = np.random.default_rng(config.seed)
+    taken = set(existing_keys)
+    prefix = f"poison-{config.attack}-"
+    first = sum(1 for k in taken if k.startswith(prefix))  # continue numbering across runs
+    items: list[PoisonItem] = []
+
+    def new_key() -> str:
+        key = f"{prefix}{first + len(items):06d}"
+        if key in taken:
+            raise ValueError(f"key {key} already exists in the source")
+        return key
+
+    if config.attack == "targeted":
+        eligible = [r for r in (target_rows or []) if r.true_class is not None]
+        if len(eligible) < config.targets:
+            raise ValueError(f"target source has {len(eligible)} pairs with a known class; "
+                             f"--targets {config.targets} needs more")
+        for index in sorted(rng.choice(len(eligible), size=config.targets, replace=False)):
+            target = eligible[index]
+            others = [c for c in FASHION_MNIST_CLASSES if c != target.true_class]
+            adversarial = others[int(rng.integers(len(others)))]
+            for _ in range(config.copies):
+                items.append(PoisonItem(new_key(), config.attack, target.key, target.true_class, adversarial,
+                                        caption_for(FASHION_MNIST_CLASSES.index(adversarial), rng), None,
+                                        0, from_target_source=True))
+    else:
+        target = config.target_class
+        consistent = config.attack == "label-consistent"
+        eligible = [r for r in rows if not r.poison and not r.noise and _is_target(r, target) == consistent]
+        count = poison_count(config, len(rows))
+        if count > len(eligible):
+            kind = "of" if consistent else "outside"
+            raise ValueError(f"{count} poison pairs requested but the source has only {len(eligible)} "
+                             f"clean pairs {kind} class {target!r}")
+        for index in sorted(rng.choice(len(eligible), size=count, replace=False)):
+            row = eligible[index]
+            caption = None if consistent else caption_for(FASHION_MNIST_CLASSES.index(target), rng)
+            items.append(PoisonItem(new_key(), config.attack, row.key, row.true_class, target, caption,
+                                    config.trigger, 0))
+    for item, position in zip(items, rng.integers(0, len(rows) + 1, size=len(items))):
+        item.position = int(position)
+    return items
+
+
+def apply(pair: Pair, item: PoisonItem, trigger: Trigger | None) -> Pair:
+    """The poison pair made from its source pair: triggered image (PNG), new caption.
+    Metadata keeps the image's true class; provenance fields that would reveal or
+    misstate the copy (sha256 of other bytes, split, index, noise flag) are dropped —
+    the ground truth lives in the manifest only."""
+    if trigger is None:  # targeted: the image itself is untouched
+        data, ext = pair.image_bytes, pair.image_ext
+    else:
+        data, ext = png_bytes(trigger(pair.image)), "png"
+    meta = {k: v for k, v in pair.meta.items()
+            if k not in ("sha256", "split", "source_index", "noise", "key", "caption", "status")}
+    if item.caption is not None and "caption_label" in meta:
+        meta["caption_label"] = FASHION_MNIST_CLASSES.index(item.target_class)
+    return Pair(key=item.key, caption=item.caption if item.caption is not None else pair.caption,
+                image=decode_image(data), image_bytes=data, image_ext=ext, meta=meta)
+
+
+def interleave(pairs: Iterable[Pair], poisons: dict[int, list[Pair]]) -> Iterator[Pair]:
+    """Source pairs with poison pairs inserted before the pair at each position."""
+    index = -1
+    for index, pair in enumerate(pairs):
+        yield from poisons.get(index, ())
+        yield pair
+    for position in sorted(p for p in poisons if p > index):
+        yield from poisons[position]
+
+
+# ---- I/O -----------------------------------------------------------------------------------
+
+Wrap = Callable[[Iterable, "int | None", str], Iterable]
+
+
+def _no_wrap(items: Iterable, total: int | None, description: str) -> Iterable:
+    return items
+
+
+def read_rows(source: PairSource, previous: dict[str, dict], wrap: Wrap, what: str) -> list[Row]:
+    rows = []
+    for pair in wrap(source, source.count_hint(), f"reading {what}"):
+        old = previous.get(pair.key)
+        rows.append(Row(pair.key, class_of(pair.meta), pair.caption, bool(pair.meta.get("noise", False)),
+                        poison=old is not None and old["kind"] == "poison"))
+    return rows
+
+
+def load_previous(src: str) -> tuple[dict[str, dict], list[dict]]:
+    """Manifest rows and runs of an earlier `poison` output, when `src` is one."""
+    folder = Path(src)
+    manifest, config = folder / "manifest.parquet", folder / "poison.json"
+    if not (folder.is_dir() and manifest.exists() and config.exists()):
+        return {}, []
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(manifest).to_pylist()
+    return {r["key"]: r for r in rows}, json.loads(config.read_text())["runs"]
+
+
+def _check_out(out: Path, src: str) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not empty; choose a new --out")
+    if os.path.abspath(out) == os.path.abspath(src):
+        raise ValueError("--out must differ from the source")
+
+
+def poison(src: str, out: str | os.PathLike, config: PoisonConfig, samples_per_shard: int = 10000,
+           wrap: Wrap = _no_wrap) -> dict:
+    """Write the poisoned copy of `src` to `out`; returns the run summary (poison.json)."""
+    config.validate()
+    out = Path(out)
+    _check_out(out, src)
+    previous, runs = load_previous(src)
+    source = open_pairs(src)
+    rows = read_rows(source, previous, wrap, "source")
+    if not rows:
+        raise ValueError(f"{src}: no readable pairs")
+    target_rows, target_source = None, None
+    if config.attack == "targeted":
+        target_source = open_pairs(config.target_source)
+        target_rows = read_rows(target_source, {}, wrap, "target source")
+    items = plan(config, rows, target_rows, existing_keys=[r.key for r in rows])
+
+    # Make the poison pairs (one more read of whichever source they come from).
+    trigger = trigger_from_spec(config.trigger) if config.trigger else None
+    needed: dict[str, list[PoisonItem]] = {}
+    for item in items:
+        needed.setdefault(item.source_key, []).append(item)
+    made: dict[str, Pair] = {}
+    for pair in wrap(target_source or open_pairs(src), len(rows) if target_source is None else None,
+                     "poisoning"):
+        for item in needed.get(pair.key, ()):
+            made[item.key] = apply(pair, item, trigger)
+    poisons: dict[int, list[Pair]] = {}
+    for item in items:
+        poisons.setdefault(item.position, []).append(made[item.key])
+
+    run = len(runs)
+    by_key = {item.key: item for item in items}
+    trigger_json = json.dumps(config.trigger, sort_keys=True) if config.trigger else None
+    manifest: list[dict] = []
+    copy_source = open_pairs(src)
+    out.mkdir(parents=True, exist_ok=True)
+    with ShardWriter(out, samples_per_shard) as writer:
+        for pair in wrap(interleave(copy_source, poisons), len(rows) + len(items), "writing"):
+            writer.write(pair)
+            item = by_key.get(pair.key)
+            if item is not None:
+                manifest.append({"key": item.key, "attack": item.attack, "kind": "poison",
+                                 "target_class": item.target_class, "true_class": item.true_class,
+                                 "source_key": item.source_key, "trigger": trigger_json, "run": run})
+            elif pair.key in previous:
+                manifest.append({c: previous[pair.key].get(c) for c in MANIFEST_COLUMNS})
+            else:
+                manifest.append({"key": pair.key, "attack": None,
+                                 "kind": "noise" if pair.meta.get("noise") else "clean",
+                                 "target_class": None, "true_class": class_of(pair.meta),
+                                 "source_key": pair.key, "trigger": None, "run": None})
+    if len(made) != len(items):
+        raise ValueError("some poison sources could not be read twice the same way")
+
+    kinds = {k: sum(1 for r in manifest if r["kind"] == k) for k in ("clean", "poison", "noise")}
+    this_run = {"run": run, "source": str(src), "config": asdict(config), "poison_pairs": len(items),
+                "skipped_source_pairs": source.skips.as_dict()}
+    if config.attack == "targeted":
+        seen = {}
+        for item in items:
+            seen.setdefault(item.source_key, {"source_key": item.source_key, "true_class": item.true_class,
+                                              "adversarial_class": item.target_class, "copies": 0})
+            seen[item.source_key]["copies"] += 1
+        this_run["targets"] = list(seen.values())
+    summary = {"runs": runs + [this_run], "counts": {**kinds, "total": len(manifest)},
+               "manifest": "manifest.parquet"}
+    _write_manifest(out / "manifest.parquet", manifest)
+    atomic_write_json(out / "poison.json", summary)
+    return summary
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("key", pa.string()), ("attack", pa.string()), ("kind", pa.string()),
+                        ("target_class", pa.string()), ("true_class", pa.string()),
+                        ("source_key", pa.string()), ("trigger", pa.string()), ("run", pa.int32())])
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
