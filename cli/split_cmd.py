@@ -1,7 +1,60 @@
-"""(placeholder: its owner replaces this file)"""
+"""`safeclip split`: safe and risky partitions from embedding files."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
+from .common import done, progress, user_errors, warn
+
+SPEC_SHORT = ("Ratio schedule SPEC: safeclip[:threshold=T,step=S,cap=C,r0=R] | fraction:F | threshold:T "
+              "(see above).")
+
+# Typer keeps single newlines of help text, so every paragraph is one string.
+HELP = "\n\n".join([
+    "Fit a 2-component Gaussian mixture to the pair similarities and split the pairs into safe and risky.",
+    "p_clean is the posterior of the higher-mean component. Pairs are ranked by p_clean (ties: similarity, "
+    "then key; rank 0 = most clean) and the ratio schedule picks how many are safe.",
+    "SPEC safeclip[:threshold=T,step=S,cap=C,r0=R] is SafeCLIP's schedule. Epoch 0: safe = p_clean >= T "
+    "(default 0.9); that share is the start ratio r0. Epoch k >= 1: safe = top min(C, r0 + k*S) by p_clean "
+    "(defaults S=0.01, C=0.85), with r0 from R, else from --previous, else recomputed from this fit at "
+    "p_clean >= T.",
+    "SPEC fraction:F: safe = top F (0..1) of all pairs by p_clean. SPEC threshold:T: safe = p_clean >= T.",
+    "Examples: safeclip | safeclip:step=0.02,cap=0.8 | fraction:0.3 | threshold:0.95",
+    "Writes OUT/safe/*.parquet and OUT/risky/*.parquet (key, caption, url, similarity, p_clean, rank, partition, "
+    "epoch, ratio; one file per embedding file), then OUT/split.json. See docs/split.md.",
+])
+
+
+def split(
+    emb: Path = typer.Argument(..., help="Folder written by `safeclip embed` (NNNNN.parquet + embed.json)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: safe/, risky/ and split.json."),
+    ratio_schedule: str = typer.Option("safeclip", "--ratio-schedule", "-r", help=SPEC_SHORT),
+    epoch: int = typer.Option(0, "--epoch", "-e", min=0, help="Split number k (0 = the first split)."),
+    previous: Path = typer.Option(None, "--previous", help="An earlier split folder of the same run: its r0 "
+                                                          "is used for epoch k >= 1 (SafeCLIP's schedule)."),
+    fit_sample: int = typer.Option(1_000_000, "--fit-sample", help="Fit the mixture on a seeded sample of at "
+                                                                   "most this many similarities."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the fit sample and the mixture's k-means init."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing split in OUT."),
+) -> None:
+    """Split embedded pairs into safe and risky partitions (help text: HELP)."""
+    from sanitize.split import split as run_split
+
+    with user_errors():
+        result = run_split(emb, out, ratio_schedule, epoch=epoch, fit_sample=fit_sample, seed=seed,
+                           previous=previous, force=force, track=progress)
+    for message in result.warnings:
+        warn(message)
+    m = result.manifest
+    counts, mix = m["counts"], m["mixture"]
+    r0 = f", r0 {m['r0']:.4f}" if m["r0"] is not None else ""
+    done(f"split {counts['total']:,} pairs at epoch {epoch}: {counts['safe']:,} safe "
+         f"({counts['safe_share']:.1%}, target ratio {m['ratio']:.4f}{r0}), {counts['risky']:,} risky; "
+         f"mixture means {mix['means'][0]:.3f} / {mix['means'][1]:.3f}; "
+         f"{m['timing_s']['total']:.1f} s -> {out}/split.json")
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("split", help=HELP)(split)

@@ -1,0 +1,414 @@
+"""Split embedded pairs into a safe and a risky partition (SafeCLIP step 3).
+
+Reads the Parquet files `safeclip embed` writes (one per input shard), fits a
+2-component Gaussian mixture to the similarities, scores every pair with
+`p_clean` (posterior of the high-mean component), ranks all pairs and routes them
+to `PART/safe/` and `PART/risky/` by a ratio schedule.
+
+Memory stays bounded by two passes that never touch the embeddings:
+  1. read only `key` and `similarity` of every file -> fit, posteriors, one
+     global ranking (a few float64/int64 arrays of N, plus the keys in Arrow);
+  2. stream every file again in batches (key, caption, url, similarity) and write
+     each row to the safe or risky writer of its shard, by its global rank.
+
+Schedule grammar (SPEC), documented in docs/split.md:
+  safeclip[:threshold=T,step=S,cap=C,r0=R]
+      SafeCLIP's schedule. Epoch 0: safe = p_clean >= T (default 0.9); its share is
+      the start ratio r0. Epoch k >= 1: safe = top min(C, r0 + k*S) of all pairs by
+      p_clean (defaults S=0.01, C=0.85). r0 comes from R if given, else from the
+      split.json of `previous` (any earlier split of the run; r0 is carried along),
+      else from this fit at p_clean >= T.
+  fraction:F    safe = top F of all pairs by p_clean, at every epoch.
+  threshold:T   safe = p_clean >= T, at every epoch.
+Ties in p_clean are broken by the unrounded log-odds, then similarity (higher
+first), then key (ascending), then input order: the ranking is deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .gmm import clean_log_odds, fit_mixture, posterior_from_log_odds
+from .shards import atomic_write_json
+
+T = TypeVar("T")
+SCHEDULES = ("safeclip", "fraction", "threshold")
+PARTITIONS = ("safe", "risky")
+DEFAULT_FIT_SAMPLE = 1_000_000
+BATCH_ROWS = 65_536
+
+OUTPUT_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("caption", pa.string()),
+    ("url", pa.string()),
+    ("similarity", pa.float32()),
+    ("p_clean", pa.float64()),
+    ("rank", pa.int64()),
+    ("partition", pa.string()),
+    ("epoch", pa.int32()),
+    ("ratio", pa.float64()),
+])
+
+
+# ---- the ratio schedule -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Schedule:
+    """A parsed SPEC. `spec` keeps the user's text for the manifest."""
+
+    kind: str
+    spec: str
+    threshold: float = 0.9
+    step: float = 0.01
+    cap: float = 0.85
+    fraction: float | None = None
+    r0: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def _number(text: str, name: str, spec: str, lo: float = 0.0, hi: float = 1.0) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"ratio schedule {spec!r}: {name} must be a number, got {text!r}") from None
+    if not (lo <= value <= hi) or math.isnan(value):
+        raise ValueError(f"ratio schedule {spec!r}: {name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def parse_schedule(spec: str) -> Schedule:
+    """Parse `safeclip[:k=v,...]`, `fraction:F` or `threshold:T` (see the module doc)."""
+    text = spec.strip()
+    name, _, args = text.partition(":")
+    name = name.strip().lower()
+    if name not in SCHEDULES:
+        raise ValueError(f"ratio schedule {spec!r}: unknown kind {name!r}; use one of "
+                         "safeclip[:threshold=T,step=S,cap=C,r0=R], fraction:F, threshold:T")
+    if name in ("fraction", "threshold"):
+        if not args.strip():
+            raise ValueError(f"ratio schedule {spec!r}: {name} needs a value, e.g. {name}:0.3")
+        value = _number(args.strip(), name, spec)
+        return (Schedule("fraction", text, fraction=value) if name == "fraction"
+                else Schedule("threshold", text, threshold=value))
+    params: dict[str, float] = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().lower()
+        if not eq or key not in ("threshold", "step", "cap", "r0"):
+            raise ValueError(f"ratio schedule {spec!r}: expected threshold=, step=, cap= or r0=, got {item!r}")
+        if key in params:
+            raise ValueError(f"ratio schedule {spec!r}: {key} given twice")
+        params[key] = _number(value.strip(), key, spec)
+    return Schedule("safeclip", text, **params)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many pairs are safe at this epoch, and why."""
+
+    n_safe: int
+    ratio: float          # the schedule's target share of safe pairs
+    r0: float | None      # SafeCLIP's start ratio (None for the other kinds)
+    r0_source: str | None
+
+
+def round_count(ratio: float, n: int) -> int:
+    """ratio * n rounded half up: the number of pairs a share stands for."""
+    return min(n, max(0, int(math.floor(ratio * n + 0.5))))
+
+
+def plan_split(schedule: Schedule, epoch: int, p_clean: np.ndarray, previous_r0: float | None = None,
+               previous_source: str | None = None) -> Plan:
+    """Apply the schedule at `epoch` to this fit's posteriors."""
+    n = int(p_clean.size)
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    at_threshold = int(np.count_nonzero(p_clean >= schedule.threshold))
+    if schedule.kind == "threshold":
+        return Plan(at_threshold, at_threshold / n if n else 0.0, None, None)
+    if schedule.kind == "fraction":
+        return Plan(round_count(schedule.fraction, n), schedule.fraction, None, None)
+    if epoch == 0:
+        r0 = at_threshold / n if n else 0.0
+        return Plan(at_threshold, r0, r0, f"this fit at p_clean >= {schedule.threshold}")
+    if schedule.r0 is not None:
+        r0, source = schedule.r0, "the schedule spec"
+    elif previous_r0 is not None:
+        r0, source = previous_r0, f"previous split {previous_source}"
+    else:
+        r0 = at_threshold / n if n else 0.0
+        source = f"this fit at p_clean >= {schedule.threshold} (no --previous split given)"
+    ratio = min(schedule.cap, r0 + epoch * schedule.step)
+    return Plan(round_count(ratio, n), ratio, r0, source)
+
+
+def read_previous_r0(part: str | os.PathLike) -> tuple[float, str]:
+    """The start ratio recorded in an earlier split's split.json."""
+    path = Path(part) / "split.json" if Path(part).is_dir() else Path(part)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no split.json in the previous split") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: unreadable split.json ({exc})") from None
+    r0 = manifest.get("r0")
+    if r0 is None:
+        raise ValueError(f"{path}: that split has no start ratio r0 (it did not use the safeclip schedule)")
+    return float(r0), str(path.parent)
+
+
+# ---- reading embedding files -----------------------------------------------------
+
+@dataclass(frozen=True)
+class EmbFile:
+    path: str
+    name: str       # file stem = the input shard's name
+    rows: int
+    has_url: bool
+
+
+def list_emb_files(emb: str | os.PathLike) -> list[EmbFile]:
+    """The complete embedding files in EMB (dotfiles are unfinished temp files)."""
+    root = Path(emb)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{emb}: no such folder of embedding files")
+    files = sorted(p for p in root.glob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"{emb}: no embedding files (*.parquet); run `safeclip embed` first")
+    out = []
+    for path in files:
+        try:
+            meta = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
+        names = meta.schema_arrow.names
+        missing = [c for c in ("key", "caption", "similarity") if c not in names]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; is this an embed output?")
+        out.append(EmbFile(str(path), path.stem, meta.metadata.num_rows, "url" in names))
+    return out
+
+
+def read_embed_info(emb: str | os.PathLike) -> dict:
+    """EMB/embed.json (source path, format, checkpoint), or {} when absent."""
+    path = Path(emb) / "embed.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _similarities_and_keys(files: list[EmbFile], track) -> tuple[np.ndarray, pa.ChunkedArray]:
+    sims, keys = [], []
+    for f in track(files, len(files), "reading similarities"):
+        table = pq.read_table(f.path, columns=["key", "similarity"])
+        sim = table.column("similarity").cast(pa.float64())
+        sims.append(pc.fill_null(sim, float("nan")).to_numpy())
+        keys.extend(table.column("key").cast(pa.string()).chunks)
+    similarity = np.concatenate(sims) if sims else np.empty(0)
+    return similarity, pa.chunked_array(keys, type=pa.string())
+
+
+# ---- ranking ----------------------------------------------------------------------
+
+@dataclass
+class RankInputs:
+    """What a ranking strategy may use. The balanced variant (rank within k-means
+    clusters of the embeddings) would read the embeddings from `files`."""
+
+    log_odds: np.ndarray        # float64, -inf for pairs with no usable similarity
+    similarity: np.ndarray      # float64, -inf where missing
+    keys: pa.ChunkedArray
+    files: list[EmbFile]
+    seed: int = 0
+
+
+def rank_global(inputs: RankInputs) -> np.ndarray:
+    """Row indices, most clean first: log-odds desc, similarity desc, key asc, input order."""
+    table = pa.table({"lo": inputs.log_odds, "sim": inputs.similarity, "key": inputs.keys})
+    order = pc.sort_indices(table, sort_keys=[("lo", "descending"), ("sim", "descending"),
+                                              ("key", "ascending")])
+    return order.to_numpy().astype(np.int64, copy=False)
+
+
+RANKINGS: dict[str, Callable[[RankInputs], np.ndarray]] = {"global": rank_global}
+
+
+# ---- the split --------------------------------------------------------------------
+
+def _identity_track(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+    return iter(items)
+
+
+@dataclass
+class SplitResult:
+    manifest: dict
+    out: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if (out / "split.json").exists() and not force:
+        raise FileExistsError(f"{out}: already holds a split (split.json); use --force to replace it")
+    for part in PARTITIONS:
+        (out / part).mkdir(parents=True, exist_ok=True)
+    # split.json goes first so a half-rewritten folder never looks complete.
+    (out / "split.json").unlink(missing_ok=True)
+    for part in PARTITIONS:
+        for stale in (out / part).glob("*.parquet"):
+            stale.unlink()
+
+
+def _output_table(batch: pa.RecordBatch, has_url: bool, p_clean: np.ndarray, rank: np.ndarray,
+                  partition: str, epoch: int, ratio: float) -> pa.Table:
+    """Rows of one partition (already filtered) in the output schema."""
+    n = batch.num_rows
+    url = batch.column("url").cast(pa.string()) if has_url else pa.nulls(n, pa.string())
+    return pa.Table.from_arrays([
+        batch.column("key").cast(pa.string()),
+        batch.column("caption").cast(pa.string()),
+        url,
+        batch.column("similarity").cast(pa.float32()),
+        pa.array(p_clean, pa.float64()),
+        pa.array(rank, pa.int64()),
+        pa.repeat(partition, n).cast(pa.string()),
+        pa.array(np.full(n, epoch, np.int32)),
+        pa.array(np.full(n, ratio, np.float64)),
+    ], schema=OUTPUT_SCHEMA)
+
+
+def _write_partitions(files: list[EmbFile], out: Path, p_clean: np.ndarray, rank: np.ndarray, n_safe: int,
+                      epoch: int, ratio: float, track) -> None:
+    start = 0
+    for f in track(files, len(files), "writing partitions"):
+        columns = ["key", "caption", "similarity"] + (["url"] if f.has_url else [])
+        tmp = {p: out / p / f".{f.name}.parquet.tmp{os.getpid()}" for p in PARTITIONS}
+        writers = {p: pq.ParquetWriter(tmp[p], OUTPUT_SCHEMA) for p in PARTITIONS}
+        try:
+            for batch in pq.ParquetFile(f.path).iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                stop = start + batch.num_rows
+                r, p = rank[start:stop], p_clean[start:stop]
+                safe = r < n_safe
+                for name, mask in (("safe", safe), ("risky", ~safe)):
+                    rows = batch.filter(pa.array(mask))
+                    writers[name].write_table(_output_table(rows, f.has_url, p[mask], r[mask], name, epoch, ratio))
+                start = stop
+        finally:
+            for w in writers.values():
+                w.close()
+        for p in PARTITIONS:
+            os.replace(tmp[p], out / p / f"{f.name}.parquet")
+    if start != rank.size:
+        raise ValueError(f"embedding files changed while splitting ({start} rows read, {rank.size} expected)")
+
+
+def draw_fit_sample(similarity: np.ndarray, finite: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """The finite similarities, or a seeded uniform sample of `size` of them (in input order)."""
+    usable = similarity if finite.all() else similarity[finite]
+    if usable.size <= size:
+        return usable
+    pick = np.random.default_rng(seed).choice(usable.size, size=size, replace=False)
+    return usable[np.sort(pick)]
+
+
+def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | str, epoch: int = 0,
+          fit_sample: int = DEFAULT_FIT_SAMPLE, seed: int = 0, previous: str | os.PathLike | None = None,
+          ranking: str = "global", force: bool = False,
+          track: Callable[[Iterable, int | None, str], Iterable] = _identity_track) -> SplitResult:
+    """Fit, rank and write both partitions plus PART/split.json (written last)."""
+    t0 = time.perf_counter()
+    if isinstance(schedule, str):
+        schedule = parse_schedule(schedule)
+    if ranking not in RANKINGS:
+        raise ValueError(f"unknown ranking {ranking!r}; choose one of {', '.join(RANKINGS)}")
+    if fit_sample < 2:
+        raise ValueError(f"--fit-sample must be at least 2, got {fit_sample}")
+    previous_r0, previous_source = (read_previous_r0(previous) if previous is not None
+                                    and schedule.kind == "safeclip" and epoch > 0 else (None, None))
+    files = list_emb_files(emb)
+    out = Path(out)
+    _prepare_out(out, force)
+    warnings: list[str] = []
+    if previous is not None and previous_r0 is None:
+        warnings.append("--previous is only used by the safeclip schedule at epoch >= 1; ignored")
+
+    similarity, keys = _similarities_and_keys(files, track)
+    n = similarity.size
+    finite = np.isfinite(similarity)
+    n_bad = int(n - np.count_nonzero(finite))
+    if n_bad:
+        warnings.append(f"{n_bad} pairs without a finite similarity were put in the risky set")
+    n_usable = n - n_bad
+    t_read = time.perf_counter()
+
+    sample = draw_fit_sample(similarity, finite, fit_sample, seed)
+    mixture = fit_mixture(sample, seed=seed)
+    t_fit = time.perf_counter()
+
+    log_odds = clean_log_odds(similarity, mixture)
+    if n_bad:
+        log_odds[~finite] = -np.inf
+    p_clean = posterior_from_log_odds(log_odds)
+    plan = plan_split(schedule, epoch, p_clean, previous_r0, previous_source)
+    if plan.n_safe > n_usable:  # fraction:1 or threshold:0 must not make unscored pairs safe
+        plan = dataclasses.replace(plan, n_safe=n_usable)
+    order = RANKINGS[ranking](RankInputs(log_odds, np.where(finite, similarity, -np.inf), keys, files, seed))
+    del keys
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n, dtype=np.int64)
+    safe_rows = order[:plan.n_safe]
+    del order
+    t_rank = time.perf_counter()
+
+    _write_partitions(files, out, p_clean, rank, plan.n_safe, epoch, plan.ratio, track)
+    t_write = time.perf_counter()
+
+    if plan.n_safe == 0 and n:
+        warnings.append("no pair is safe (none reached the schedule's cut); is the model warmed up?")
+    if mixture.monotone_below is not None and np.any(similarity[finite] < mixture.monotone_below):
+        below = int(np.count_nonzero(similarity[finite] < mixture.monotone_below))
+        warnings.append(f"{below} pairs lie below similarity {mixture.monotone_below:.4f}, where p_clean "
+                        "rises again (the clean component is wider); see docs/split.md")
+    info = read_embed_info(emb)
+    manifest = {
+        "schema": "safeclip.split/1",
+        "epoch": epoch,
+        "schedule": schedule.as_dict(),
+        "ratio": plan.ratio,
+        "r0": plan.r0,
+        "r0_source": plan.r0_source,
+        "threshold": schedule.threshold if schedule.kind != "fraction" else None,
+        "p_clean_cutoff": float(p_clean[safe_rows].min()) if plan.n_safe else None,
+        "similarity_cutoff": float(similarity[safe_rows].min()) if plan.n_safe else None,
+        "counts": {"total": n, "safe": plan.n_safe, "risky": n - plan.n_safe,
+                   "no_similarity": n_bad, "safe_share": plan.n_safe / n if n else 0.0},
+        "mixture": mixture.as_dict(),
+        "fit_sample": int(sample.size),
+        "seed": seed,
+        "ranking": ranking,
+        "emb": os.path.abspath(emb),
+        "source": info.get("source"),
+        "source_format": info.get("source_format", info.get("format")),
+        "checkpoint": info.get("checkpoint"),
+        "input_files": [{"name": os.path.basename(f.path), "rows": f.rows} for f in files],
+        "warnings": warnings,
+        "timing_s": {"read": round(t_read - t0, 3), "fit": round(t_fit - t_read, 3),
+                     "rank": round(t_rank - t_fit, 3), "write": round(t_write - t_rank, 3),
+                     "total": round(time.perf_counter() - t0, 3)},
+    }
+    atomic_write_json(out / "split.json", manifest)
+    return SplitResult(manifest, str(out), warnings)
