@@ -35,23 +35,13 @@ def partition_keys(part_dir: str | os.PathLike, partition: str) -> set[str]:
     return keys
 
 
-def source_of_split(part_dir: str | os.PathLike) -> tuple[str, str]:
-    """(source path, format) of the pairs a split was made from, via split.json -> embed.json."""
-    part = Path(part_dir)
-    split_json = part / "split.json"
+def source_of_split(part_dir: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(source path, format) of the pairs a split was made from, as split.json records them."""
+    split_json = Path(part_dir) / "split.json"
     if not split_json.exists():
-        raise FileNotFoundError(f"{part}: no split.json (not a `safeclip split` output)")
+        raise FileNotFoundError(f"{part_dir}: no split.json (not a finished `safeclip split` output)")
     split = json.loads(split_json.read_text())
-    emb_dir = split.get("embeddings") or split.get("input_dir")
-    if emb_dir is None and split.get("input_files"):
-        emb_dir = str(Path(split["input_files"][0]).parent)
-    if emb_dir is None:
-        raise ValueError(f"{split_json}: does not record which embeddings it split")
-    emb_json = Path(emb_dir) / "embed.json"
-    if not emb_json.exists():
-        raise FileNotFoundError(f"{emb_json}: missing; pass the source explicitly with --source")
-    embed = json.loads(emb_json.read_text())
-    return embed["source"], embed["source_format"]
+    return split.get("source"), split.get("source_format")
 
 
 def export_partition(part_dir: str | os.PathLike, partition: str, out_dir: str | os.PathLike, *,
@@ -61,9 +51,13 @@ def export_partition(part_dir: str | os.PathLike, partition: str, out_dir: str |
 
     Returns counts, including keys of the partition that the source no longer
     has (`missing_from_source`), so the caller can report them."""
+    if partition not in PARTITIONS:
+        raise ValueError(f"unknown partition {partition!r}; choose safe or risky")
+    path, fmt = source_of_split(part_dir)  # also checks that PART is a finished split
     keys = partition_keys(part_dir, partition)
     if source is None:
-        path, fmt = source_of_split(part_dir)
+        if not path:
+            raise ValueError(f"{part_dir}/split.json does not record its source; pass it with --source")
         source = open_pairs(path, format=fmt)
     found: set[str] = set()
     with ShardWriter(out_dir, samples_per_shard) as writer:
