@@ -46,7 +46,8 @@ SPLIT_FILES = {
 }
 KEY_PREFIX = {"train": "", "test": "test-"}
 
-# Class names in label order, as plain words (evaluation builds prompts from them).
+# Class names in label order (metadata, manifests, tables). Zero-shot prompts use the
+# everyday plural words of `sanitize.templates` instead: captions never say "trouser".
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "t-shirt", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
