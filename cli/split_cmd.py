@@ -22,6 +22,10 @@ HELP = "\n\n".join([
     "p_clean >= T.",
     "SPEC fraction:F: safe = top F (0..1) of all pairs by p_clean. SPEC threshold:T: safe = p_clean >= T.",
     "Examples: safeclip | safeclip:step=0.02,cap=0.8 | fraction:0.3 | threshold:0.95",
+    "--ranking global (default, the paper's) takes the top of all pairs. --ranking balanced clusters the pairs "
+    "(faiss spherical k-means, --clusters K on --cluster-on joint|image|text embeddings) and takes the same "
+    "total count as the schedule, shared out over the clusters by size, each filled by its own best p_clean: "
+    "hard concepts are not starved. At epoch 0 the count is still the global p_clean >= T count.",
     "Writes OUT/safe/*.parquet and OUT/risky/*.parquet (key, caption, url, similarity, p_clean, rank, partition, "
     "epoch, ratio; one file per embedding file), then OUT/split.json. See docs/split.md.",
 ])
@@ -36,21 +40,37 @@ def split(
                                                           "is used for epoch k >= 1 (SafeCLIP's schedule)."),
     fit_sample: int = typer.Option(1_000_000, "--fit-sample", help="Fit the mixture on a seeded sample of at "
                                                                    "most this many similarities."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the fit sample and the mixture's k-means init."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the fit sample, the mixture's k-means init and the "
+                                               "balanced ranking's clustering."),
+    ranking: str = typer.Option("global", "--ranking", help="global (the paper's) or balanced (top share of "
+                                                            "p_clean inside each k-means cluster)."),
+    clusters: int = typer.Option(None, "--clusters", help="Balanced ranking: number of k-means clusters "
+                                                          "(default 10)."),
+    cluster_on: str = typer.Option(None, "--cluster-on", help="Balanced ranking: cluster joint (image+text, "
+                                                              "default), image or text embeddings."),
+    cluster_sample: int = typer.Option(None, "--cluster-sample", help="Balanced ranking: train k-means on a "
+                                                                      "seeded sample of at most this many "
+                                                                      "pairs (default 200000)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing split in OUT."),
 ) -> None:
     """Split embedded pairs into safe and risky partitions (help text: HELP)."""
     from sanitize.split import split as run_split
 
     with user_errors():
+        options = {name: value for name, value in (("clusters", clusters), ("cluster_on", cluster_on),
+                                                   ("sample", cluster_sample)) if value is not None}
         result = run_split(emb, out, ratio_schedule, epoch=epoch, fit_sample=fit_sample, seed=seed,
-                           previous=previous, force=force, track=progress)
+                           previous=previous, ranking=ranking, ranking_options=options, force=force,
+                           track=progress)
     for message in result.warnings:
         warn(message)
     m = result.manifest
     counts, mix = m["counts"], m["mixture"]
     r0 = f", r0 {m['r0']:.4f}" if m["r0"] is not None else ""
-    done(f"split {counts['total']:,} pairs at epoch {epoch}: {counts['safe']:,} safe "
+    balance = m.get("balance")
+    how = (f"balanced over {balance['clusters']} {balance['cluster_on']} clusters" if balance
+           else f"{m['ranking']} ranking")
+    done(f"split {counts['total']:,} pairs at epoch {epoch} ({how}): {counts['safe']:,} safe "
          f"({counts['safe_share']:.1%}, target ratio {m['ratio']:.4f}{r0}), {counts['risky']:,} risky; "
          f"mixture means {mix['means'][0]:.3f} / {mix['means'][1]:.3f}; "
          f"{m['timing_s']['total']:.1f} s -> {out}/split.json")

@@ -5,7 +5,7 @@ Reads the Parquet files `safeclip embed` writes (one per input shard), fits a
 `p_clean` (posterior of the high-mean component), ranks all pairs and routes them
 to `PART/safe/` and `PART/risky/` by a ratio schedule.
 
-Memory stays bounded by two passes that never touch the embeddings:
+Memory stays bounded by two passes that never touch the embeddings (global ranking):
   1. read only `key` and `similarity` of every file -> fit, posteriors, one
      global ranking (a few float64/int64 arrays of N, plus the keys in Arrow);
   2. stream every file again in batches (key, caption, url, similarity) and write
@@ -22,6 +22,11 @@ Schedule grammar (SPEC), documented in docs/split.md:
   threshold:T   safe = p_clean >= T, at every epoch.
 Ties in p_clean are broken by the unrounded log-odds, then similarity (higher
 first), then key (ascending), then input order: the ranking is deterministic.
+
+Ranking (`ranking=`): "global" (the paper's, the default) takes the top n_safe of all
+pairs; "balanced" shares the same n_safe out over faiss k-means clusters of the
+embeddings and takes the top share inside each (sanitize/balance.py; it streams the
+embedding columns twice more, keeping one small int per row).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -225,16 +230,34 @@ def _similarities_and_keys(files: list[EmbFile], track) -> tuple[np.ndarray, pa.
 
 # ---- ranking ----------------------------------------------------------------------
 
+def _identity_track(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+    return iter(items)
+
+
 @dataclass
 class RankInputs:
-    """What a ranking strategy may use. The balanced variant (rank within k-means
-    clusters of the embeddings) would read the embeddings from `files`."""
+    """What a ranking strategy may use. `files` lets a strategy read the embeddings
+    (the balanced one clusters them); `n_safe` is the schedule's safe count, which a
+    strategy must place first; `options` are the strategy's parsed options."""
 
     log_odds: np.ndarray        # float64, -inf for pairs with no usable similarity
     similarity: np.ndarray      # float64, -inf where missing
     keys: pa.ChunkedArray
     files: list[EmbFile]
     seed: int = 0
+    n_safe: int = 0
+    options: Any = None
+    track: Callable = _identity_track
+
+
+@dataclass
+class Ranked:
+    """A strategy's answer: the row order (most clean first; the first n_safe rows are
+    the safe set) and what it adds to split.json."""
+
+    order: np.ndarray
+    manifest: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def rank_global(inputs: RankInputs) -> np.ndarray:
@@ -245,14 +268,67 @@ def rank_global(inputs: RankInputs) -> np.ndarray:
     return order.to_numpy().astype(np.int64, copy=False)
 
 
-RANKINGS: dict[str, Callable[[RankInputs], np.ndarray]] = {"global": rank_global}
+def _global(inputs: RankInputs) -> Ranked:
+    return Ranked(rank_global(inputs))
+
+
+def _balanced(inputs: RankInputs) -> Ranked:
+    """Spherical k-means clusters of the embeddings; the safe count is shared out over
+    the clusters in proportion to their size, each filled by its own best p_clean
+    (sanitize/balance.py). Ties and the order inside each part follow rank_global."""
+    from .balance import FEW_POINTS, balanced_order, cluster_rows
+
+    opts = inputs.options
+    eligible = np.isfinite(inputs.log_odds)
+    clustering = cluster_rows([f.path for f in inputs.files], inputs.log_odds.size, eligible, opts,
+                              seed=inputs.seed, track=inputs.track)
+    global_order = rank_global(inputs)
+    order, quota = balanced_order(global_order, clustering.labels, opts.clusters, inputs.n_safe)
+    labels = clustering.labels
+    sizes = np.bincount(labels[labels >= 0], minlength=opts.clusters)
+    # What the paper's global cut would have given each cluster: shows the starvation.
+    top = labels[global_order[:inputs.n_safe]]
+    global_safe = np.bincount(top[top >= 0], minlength=opts.clusters)
+    in_both = int(np.count_nonzero(np.isin(order[:inputs.n_safe], global_order[:inputs.n_safe],
+                                           assume_unique=True)))
+    warnings = []
+    if clustering.n_train < FEW_POINTS * opts.clusters:
+        warnings.append(f"k-means trained on {clustering.n_train} pairs for {opts.clusters} clusters (fewer "
+                        f"than {FEW_POINTS} per cluster); consider fewer --clusters")
+    return Ranked(order, {"balance": {
+        "clusters": opts.clusters,
+        "cluster_on": opts.cluster_on,
+        "kmeans": "faiss spherical k-means",
+        "niter": opts.niter,
+        "sample": clustering.n_train,
+        "sample_max": opts.sample,
+        "seed": inputs.seed,
+        "objective": clustering.objective,
+        "cluster_sizes": sizes.tolist(),
+        "cluster_safe": quota.tolist(),
+        "cluster_safe_global": global_safe.tolist(),
+        "safe_also_in_global_cut": in_both,
+    }}, warnings)
+
+
+def _no_options(options: Mapping | None) -> None:
+    return None
+
+
+def _balanced_options(options: Mapping | None):
+    from .balance import BalanceOptions
+
+    return BalanceOptions.from_mapping(options)
+
+
+# name -> (strategy, options parser). Parsers run before any output is touched.
+RANKINGS: dict[str, tuple[Callable[[RankInputs], Ranked], Callable[[Mapping | None], Any]]] = {
+    "global": (_global, _no_options),
+    "balanced": (_balanced, _balanced_options),
+}
 
 
 # ---- the split --------------------------------------------------------------------
-
-def _identity_track(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
-    return iter(items)
-
 
 @dataclass
 class SplitResult:
@@ -327,7 +403,7 @@ def draw_fit_sample(similarity: np.ndarray, finite: np.ndarray, size: int, seed:
 
 def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | str, epoch: int = 0,
           fit_sample: int = DEFAULT_FIT_SAMPLE, seed: int = 0, previous: str | os.PathLike | None = None,
-          ranking: str = "global", force: bool = False,
+          ranking: str = "global", ranking_options: Mapping | None = None, force: bool = False,
           track: Callable[[Iterable, int | None, str], Iterable] = _identity_track) -> SplitResult:
     """Fit, rank and write both partitions plus PART/split.json (written last)."""
     t0 = time.perf_counter()
@@ -335,6 +411,8 @@ def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | s
         schedule = parse_schedule(schedule)
     if ranking not in RANKINGS:
         raise ValueError(f"unknown ranking {ranking!r}; choose one of {', '.join(RANKINGS)}")
+    strategy, parse_options = RANKINGS[ranking]
+    options = parse_options(ranking_options)
     if fit_sample < 2:
         raise ValueError(f"--fit-sample must be at least 2, got {fit_sample}")
     previous_r0, previous_source = (read_previous_r0(previous) if previous is not None
@@ -345,6 +423,9 @@ def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | s
     warnings: list[str] = []
     if previous is not None and previous_r0 is None:
         warnings.append("--previous is only used by the safeclip schedule at epoch >= 1; ignored")
+    if ranking_options and options is None:
+        warnings.append(f"ranking options {', '.join(sorted(ranking_options))} are not used by the "
+                        f"{ranking} ranking; ignored")
 
     similarity, keys = _similarities_and_keys(files, track)
     n = similarity.size
@@ -366,7 +447,10 @@ def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | s
     plan = plan_split(schedule, epoch, p_clean, previous_r0, previous_source)
     if plan.n_safe > n_usable:  # fraction:1 or threshold:0 must not make unscored pairs safe
         plan = dataclasses.replace(plan, n_safe=n_usable)
-    order = RANKINGS[ranking](RankInputs(log_odds, np.where(finite, similarity, -np.inf), keys, files, seed))
+    ranked = strategy(RankInputs(log_odds, np.where(finite, similarity, -np.inf), keys, files, seed,
+                                 plan.n_safe, options, track))
+    order = ranked.order
+    warnings.extend(ranked.warnings)
     del keys
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n, dtype=np.int64)
@@ -400,6 +484,7 @@ def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | s
         "fit_sample": int(sample.size),
         "seed": seed,
         "ranking": ranking,
+        **ranked.manifest,
         "emb": os.path.abspath(emb),
         "source": info.get("source"),
         "source_format": info.get("source_format", info.get("format")),
