@@ -1,7 +1,150 @@
-"""(placeholder: its owner replaces this file)"""
+"""`safeclip warmup`: SafeCLIP phases 1–2 (unimodal, then low-LR CLIP warm-up)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from .common import done, err_console, fail, user_errors, warn
+
+
+class _Bar:
+    """A rich progress bar per epoch showing the running loss and pairs/s."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=err_console, disable=not sys.stderr.isatty())
+        self.task = None
+        self.pairs = 0
+        self.started = 0.0
+        self.loss = None
+
+    def __enter__(self) -> "_Bar":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def epoch_start(self, phase: str, epoch: int, batches: int) -> None:
+        if self.task is not None:
+            self.progress.stop_task(self.task)
+        self.task = self.progress.add_task(f"epoch {epoch + 1} {phase}", total=batches, info="")
+        self.pairs, self.started, self.loss = 0, time.perf_counter(), None
+
+    def step(self, pairs: int, losses: dict, lr: float) -> None:
+        loss = sum(losses.values())
+        self.loss = loss if self.loss is None else 0.9 * self.loss + 0.1 * loss
+        self.pairs += pairs
+        rate = self.pairs / max(1e-9, time.perf_counter() - self.started)
+        self.progress.update(self.task, advance=1, info=f"loss {self.loss:.3f}  {rate:,.0f} pairs/s  lr {lr:.2e}")
+
+
+def warmup(
+    src: str = typer.Argument(..., help="Pair source: img2dataset webdataset/parquet folder, .tar pattern, "
+                                        "CSV/TSV, or a folder of images with .txt captions."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (rewritten after every epoch)."),
+    model: str = typer.Option("safeclip-tiny-vit", help="open_clip architecture name, a shipped config "
+                                                       "(safeclip-tiny-vit, safeclip-small-vit) or a config .json."),
+    pretrained: Optional[str] = typer.Option(None, help="Local open_clip checkpoint to start from "
+                                                        "(nothing is downloaded)."),
+    unimodal_epochs: int = typer.Option(5, help="Phase 1: epochs of image-only and text-only contrastive learning."),
+    clip_epochs: int = typer.Option(1, help="Phase 2: epochs of CLIP loss at --clip-lr-scale x --lr."),
+    clip_lr_scale: float = typer.Option(0.01, help="Learning-rate factor for the CLIP warm-up."),
+    batch_size: int = typer.Option(128, help="Pairs per batch."),
+    lr: float = typer.Option(5e-4, help="Base learning rate (AdamW)."),
+    weight_decay: float = typer.Option(0.1, "--wd", help="AdamW weight decay (none on norms, biases, logit scale)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear LR warm-up steps per phase "
+                                                          "[default: 10% of the phase's steps]."),
+    temperature: float = typer.Option(0.1, help="Temperature of the unimodal InfoNCE loss."),
+    memory_bank: int = typer.Option(4096, help="NNCLR memory bank size per modality; 0 = in-batch InfoNCE."),
+    eda_alpha: float = typer.Option(0.1, help="EDA strength: fraction of caption words changed."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
+    grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm to this value."),
+    workers: int = typer.Option(1, help="DataLoader worker processes (decode + augment); 0 and 1 give "
+                                        "identical batches."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    threads: int = typer.Option(0, help="torch CPU threads for the training process; 0 = one per core "
+                                        "not used by --workers. Fewer than the cores is faster on a busy machine."),
+    seed: int = typer.Option(0, help="Seed for model init, data order and augmentations."),
+    source_format: Optional[str] = typer.Option(None, "--format", help="Force the source format "
+                                                                      "(webdataset, parquet, csv, folder)."),
+    image_column: str = typer.Option("filepath", help="CSV: image path column."),
+    caption_column: str = typer.Option("title", help="CSV: caption column."),
+    resume: bool = typer.Option(False, help="Continue the interrupted warm-up saved at --out "
+                                            "(its saved settings are used)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing checkpoint at --out."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps in total, "
+                                                       "saving a checkpoint that --resume continues."),
+) -> None:
+    """SafeCLIP warm-up: unimodal contrastive epochs, then low-learning-rate CLIP epochs."""
+    import torch
+
+    from sanitize.pairs import CsvOptions
+    from sanitize.warmup import WarmupConfig, run_warmup
+
+    if out.exists() and not (resume or overwrite):
+        fail(f"{out} exists; pass --resume to continue it or --overwrite to start again")
+    if device != "auto" and device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda, but no CUDA device is available")
+    config = WarmupConfig(model=model, pretrained=pretrained, unimodal_epochs=unimodal_epochs,
+                          clip_epochs=clip_epochs, batch_size=batch_size, lr=lr, clip_lr_scale=clip_lr_scale,
+                          weight_decay=weight_decay, warmup_steps=warmup_steps, temperature=temperature,
+                          memory_bank=memory_bank, eda_alpha=eda_alpha, precision=precision,
+                          grad_clip=grad_clip, seed=seed, num_workers=workers)
+    if threads < 0 or workers < 0:
+        fail("--threads and --workers must be >= 0")
+    if max_steps is not None and max_steps < 1:
+        fail("--max-steps must be >= 1")
+    if threads == 0:
+        threads = max(1, (os.cpu_count() or 1) - workers)
+    if resume and not out.exists():
+        fail(f"{out}: nothing to resume (no checkpoint there yet)")
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if resume:
+        with user_errors():
+            _warn_ignored_options(out, config)
+    with user_errors(), _Bar() as bar:
+        result = run_warmup(src, out, config, resume=resume, device=device, max_steps=max_steps,
+                            source_format=source_format, threads=threads,
+                            csv_options=CsvOptions(image_column=image_column, caption_column=caption_column),
+                            on_epoch_start=bar.epoch_start, on_step=bar.step)
+    skipped = result.epochs[0]["skipped"] if result.epochs else {}
+    if skipped:
+        warn("skipped pairs: " + ", ".join(f"{n} {reason}" for reason, n in skipped.items()))
+    last = {r["phase"]: r for r in result.epochs}
+    losses = "; ".join(f"{phase} loss {r['loss']:.3f}" for phase, r in last.items())
+    if result.finished:
+        done(f"warm-up done: {len(result.epochs)} epochs, {result.global_step} steps ({losses}) -> {out} "
+             f"(metrics {result.metrics_path})")
+    else:
+        done(f"warm-up stopped after {result.global_step} steps ({losses or 'no epoch finished'}); "
+             f"continue with --resume -> {out}")
+
+
+def _warn_ignored_options(out: Path, config) -> None:
+    """A resumed run replays its saved settings; say which options given now differ."""
+    from sanitize.checkpoint import read_checkpoint
+
+    saved = read_checkpoint(out)["training_state"].get("warmup_config", {})
+    given = config.to_dict()
+    defaults = type(config)().to_dict()
+    differing = [k for k, v in given.items() if v != defaults.get(k) and k in saved and saved[k] != v]
+    if differing:
+        flags = {"num_workers": "workers", "weight_decay": "wd"}
+        warn("resuming with the checkpoint's saved settings; ignoring "
+             + ", ".join(f"--{flags.get(k, k).replace('_', '-')}" for k in differing))
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("warmup")(warmup)
