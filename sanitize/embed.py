@@ -29,8 +29,12 @@ DTYPES = ("float16", "float32")
 
 
 def output_name(shard: Shard) -> str:
-    """`00000.tar` -> `00000.parquet`; any source shard maps to one Parquet file."""
-    return Path(shard.name).stem + ".parquet"
+    """`00000.tar` (or .tar.gz, .parquet, .csv) -> `00000.parquet`: one Parquet file per shard."""
+    name = shard.name
+    for suffix in (".tar.gz", ".tgz", ".tar", ".parquet", ".csv", ".tsv"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".parquet"
+    return name + ".parquet"
 
 
 @dataclass
