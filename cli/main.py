@@ -6,8 +6,8 @@ import typer
 
 from sanitize import __version__
 
-from . import (data_cmds, demo_cmd, download_cmd, embed_cmd, eval_cmd, export_cmd, inspect_cmd, poison_cmd, query_cmd,
-               report_cmd, split_cmd, warmup_cmd)
+from . import (data_cmds, demo_cmd, download_cmd, embed_cmd, eval_cmd, export_cmd, inspect_cmd, poison_cmd,
+               pretrain_cmd, query_cmd, report_cmd, split_cmd, warmup_cmd)
 
 app = typer.Typer(
     name="safeclip",
@@ -33,7 +33,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 # Order here is the order in `safeclip --help`: the pipeline, then the tools around it.
 for module in (demo_cmd, data_cmds, download_cmd, inspect_cmd, poison_cmd, warmup_cmd, embed_cmd, split_cmd,
-               query_cmd, report_cmd, eval_cmd, export_cmd):
+               query_cmd, report_cmd, pretrain_cmd, eval_cmd, export_cmd):
     module.register(app)
 
 if __name__ == "__main__":

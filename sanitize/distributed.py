@@ -1,0 +1,95 @@
+"""Thin helpers over torch.distributed for `pretrain` under torchrun.
+
+Nothing here launches processes: torchrun does (one or many nodes), we only read
+its environment, join the process group and move small things between ranks.
+Without torchrun every helper degrades to the single-process answer, so the
+training code has one path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str = "auto", timeout_minutes: int = 180) -> Dist:
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA); (0, 1, 0) without torchrun.
+
+    The timeout is long because rank 0 alone runs a few stages (the warm-up
+    phases, the mixture fit) while the others wait at a barrier."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def barrier(ctx: Dist) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def broadcast_object(ctx: Dist, obj: Any = None, src: int = 0) -> Any:
+    """`obj` from rank `src` on every rank (pickled; for small things like a split's keys)."""
+    if not ctx.enabled:
+        return obj
+    holder = [obj if ctx.rank == src else None]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def gather_object(ctx: Dist, obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's `obj`, as a list on rank `dst` (None elsewhere)."""
+    if not ctx.enabled:
+        return [obj]
+    out = [None] * ctx.world_size if ctx.rank == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def gather_features(features: torch.Tensor, ctx: Dist) -> tuple[torch.Tensor, int]:
+    """All ranks' features, concatenated in rank order, with the gradient flowing into
+    this rank's own slice (open_clip's `gather_features` without `gather_with_grad`):
+    every rank computes the same global loss, and DDP's gradient all-reduce combines
+    the per-rank slices (averaged, as in open_clip). Returns (features, offset of this
+    rank's rows). Ranks may hold different batch sizes (a stream's last batch):
+    sizes are exchanged first and the rows padded for the collective."""
+    if not ctx.enabled:
+        return features, 0
+    size = torch.tensor([len(features)], dtype=torch.long, device=features.device)
+    sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    padded = features.new_zeros((max(sizes), *features.shape[1:]))
+    padded[: len(features)] = features.detach()
+    parts = [torch.zeros_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    parts = [p[:n] for p, n in zip(parts, sizes)]
+    parts[ctx.rank] = features
+    return torch.cat(parts), sum(sizes[: ctx.rank])

@@ -1,0 +1,227 @@
+"""`safeclip pretrain` on 200 bundled Fashion-MNIST pairs: all three phases write the
+expected checkpoints and per-epoch splits, the safe ratio follows the schedule, a
+killed run resumed with --resume ends in the uninterrupted run's weights, the
+baselines behave (--defense none never splits), --score-from-training scores from
+the training pass, and a 2-process torchrun run splits exactly like one process."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from sanitize.pairs import open_pairs
+from sanitize.shards import write_pairs
+
+runner = CliRunner()
+# 200 pairs in 2 shards of 100, batch 32: 7 steps per epoch; 1 unimodal + 1 CLIP + 2 split epochs.
+ARGS = ["--epochs", "4", "--unimodal-epochs", "1", "--clip-epochs", "1", "--batch-size", "32", "--lr", "2e-3",
+        "--memory-bank", "64", "--seed", "0", "--threads", "1", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fmnist200")
+    try:
+        from sanitize.fashion_mnist import sample_path
+        source = open_pairs(str(sample_path() / "train"))
+    except Exception:  # the sample ships with the package; fall back only in a partial checkout
+        from conftest import write_class_pairs
+        write_class_pairs(out, 200, samples_per_shard=100)
+        return out
+    assert write_pairs(itertools.islice(source, 200), out, samples_per_shard=100) == 200
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(pairs_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("full") / "run"
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), *ARGS,
+                                 "--eval-every", "1", "--eval-test", str(pairs_dir)])
+    assert result.exit_code == 0, result.output
+    return run, result.output
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def safe_keys(part: Path) -> set[str]:
+    return {k for f in sorted((part / "safe").glob("*.parquet"))
+            for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()}
+
+
+def test_all_phases_write_checkpoints_splits_and_metrics(full_run):
+    run, output = full_run
+    assert "pretrain done (safeclip): 4 epochs" in output
+    assert (run / "warmup.pt").exists()
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["epoch_0002.pt", "epoch_0003.pt"]
+    records = metrics(run)
+    assert [(r["stage"], r["phase"]) for r in records] == [
+        ("warmup", "unimodal"), ("warmup", "clip"), ("pretrain", "safeclip"), ("pretrain", "safeclip")]
+    for r in records[2:]:
+        # every pair is visited once: the safe set by CLIP steps, the risky set by unimodal steps
+        assert r["pairs"] == 200 and r["steps"] == r["steps_clip"] + r["steps_unimodal"]
+        assert r["n_safe"] + r["n_risky"] == 200
+        assert set(r["seconds"]) >= {"score", "split", "train", "total"}
+        assert 0.0 <= r["zero_shot_top1"] <= 1.0 and r["eval_pairs"] == 200
+        assert {"means", "variances", "weights"} <= set(r["mixture"])
+        part = run / "splits" / f"epoch={r['epoch']}"
+        assert len(safe_keys(part)) == r["n_safe"]
+        assert (run / "scores" / f"epoch={r['epoch']}" / "embed.json").exists()
+    if records[2]["n_safe"]:
+        assert records[2]["loss_clip"] > 0 and records[2]["steps_clip"] >= 1
+
+
+def test_safe_ratio_follows_the_schedule(full_run):
+    from sanitize.split import round_count
+
+    run, _ = full_run
+    first = json.loads((run / "splits" / "epoch=2" / "split.json").read_text())
+    second = json.loads((run / "splits" / "epoch=3" / "split.json").read_text())
+    r0 = first["r0"]
+    assert first["epoch"] == 0 and first["ratio"] == pytest.approx(r0)
+    assert second["epoch"] == 1 and second["r0"] == pytest.approx(r0)
+    assert second["ratio"] == pytest.approx(min(0.85, r0 + 0.01))
+    assert second["counts"]["safe"] == round_count(second["ratio"], 200)
+    rows = [r for f in sorted((run / "splits" / "epoch=3" / "safe").glob("*.parquet"))
+            for r in pq.read_table(f).to_pylist()]
+    assert rows and all(r["partition"] == "safe" and r["epoch"] == 1 for r in rows)
+
+
+def test_resume_after_kill_matches_uninterrupted(full_run, pairs_dir, tmp_path, monkeypatch):
+    """Kill the run in the middle of the last epoch, resume: same weights, same metrics."""
+    import sanitize.pretrain as pretrain_mod
+
+    run_full, _ = full_run
+    run = tmp_path / "run"
+    calls = {"steps": 0}
+
+    class Killed(Exception):
+        pass
+
+    def step(n, losses, lr):
+        calls["steps"] += 1
+        if calls["steps"] == 7 + 7 + 7 + 3:  # 3 steps into epoch 3 (after 2 warm-up epochs and epoch 2)
+            raise Killed
+
+    # The CLI's own code path and options, with a step hook that dies part-way.
+    hooks = pretrain_mod.Hooks
+    monkeypatch.setattr(pretrain_mod, "Hooks", lambda **kw: hooks(**{**kw, "step": step}))
+    with pytest.raises(Killed):
+        runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), *ARGS, "--eval-every", "1",
+                            "--eval-test", str(pairs_dir)], catch_exceptions=False)
+    monkeypatch.setattr(pretrain_mod, "Hooks", hooks)
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["epoch_0002.pt"]
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), "--resume", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+
+    a = torch.load(run_full / "checkpoints" / "epoch_0003.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "epoch_0003.pt", weights_only=True)
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    assert torch.equal(a["training_state"]["banks"]["image"]["bank"], b["training_state"]["banks"]["image"]["bank"])
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "pairs_per_s", "split")}  # noqa: E731
+    assert [drop(r) for r in metrics(run)] == [drop(r) for r in metrics(run_full)]
+    assert safe_keys(run / "splits" / "epoch=3") == safe_keys(run_full / "splits" / "epoch=3")
+
+
+def test_defense_none_never_splits(pairs_dir, tmp_path, monkeypatch):
+    import sanitize.split
+
+    def no_split(*args, **kwargs):
+        raise AssertionError("--defense none must not split")
+
+    monkeypatch.setattr(sanitize.split, "split", no_split)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), "--defense", "none",
+                                 "--epochs", "2", *ARGS[6:]])
+    assert result.exit_code == 0, result.output
+    records = metrics(run)
+    assert [r["phase"] for r in records] == ["none", "none"]  # no warm-up phases
+    assert all(r["pairs"] == 200 and r["steps"] == r["steps_clip"] == 7 and "safe_ratio" not in r for r in records)
+    assert not (run / "splits").exists() and not (run / "warmup.pt").exists()
+
+
+def test_clip_score_and_score_from_training(pairs_dir, tmp_path):
+    # clip-score: one split after warm-up at a fixed fraction, CLIP only on that safe set
+    run = tmp_path / "cs"
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), "--defense", "clip-score",
+                                 "--ratio-schedule", "fraction:0.5", *ARGS])
+    assert result.exit_code == 0, result.output
+    records = metrics(run)[2:]
+    assert [r["split"].endswith("epoch=2") for r in records] == [True, True]
+    assert not (run / "splits" / "epoch=3").exists()
+    assert all(r["steps_unimodal"] == 0 and r["pairs"] == 100 for r in records)  # top half only
+
+    # score-from-training: epoch 3's scores come from epoch 2's training pass
+    run = tmp_path / "sft"
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), "--score-from-training", *ARGS])
+    assert result.exit_code == 0, result.output
+    records = metrics(run)
+    assert [r.get("scored_by") for r in records[2:]] == ["separate pass", "training pass"]
+    info = json.loads((run / "scores" / "epoch=3" / "embed.json").read_text())
+    assert info["rescored"] == 200 and info["count"] == 200
+    before = pq.read_table(sorted((run / "scores" / "epoch=2").glob("*.parquet"))).sort_by("key")
+    after = pq.read_table(sorted((run / "scores" / "epoch=3").glob("*.parquet"))).sort_by("key")
+    assert before.column("key").to_pylist() == after.column("key").to_pylist()
+    assert before.column("similarity").to_pylist() != after.column("similarity").to_pylist()
+    assert "score" not in records[3]["seconds"] or records[3]["seconds"]["score"] < records[2]["seconds"]["score"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "2", "--unimodal-epochs", "1", "--clip-epochs", "1"], "must be fewer than --epochs"),
+    (["--model", "no-such-model"], "unknown model"),
+    (["--ratio-schedule", "linear:0.2"], "unknown kind"),
+    (["--defense", "clip-score", "--ratio-schedule", "safeclip"], "fixed cut"),
+    (["--preset", "huge"], "unknown preset"),
+])
+def test_bad_config_is_one_line_error(pairs_dir, tmp_path, args, message):
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_source_fails_before_creating_the_run(tmp_path):
+    result = runner.invoke(app, ["pretrain", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0 and "no such file" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_interleave_plan_spreads_safe_batches():
+    from sanitize.pretrain import interleave_plan
+
+    plan = interleave_plan(2, 6)
+    assert plan.count("clip") == 2 and plan.count("unimodal") == 6
+    assert plan[0] == "clip" and plan.index("clip", 1) >= 3  # spread out, not bunched
+    assert interleave_plan(0, 3) == ["unimodal"] * 3 and interleave_plan(2, 0) == ["clip"] * 2
+
+
+def test_torchrun_two_processes_split_equals_single_process(pairs_dir, tmp_path):
+    from sanitize.split import split
+
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "cli.main", "pretrain", str(pairs_dir), "--out", str(run), "--epochs", "3",
+                           *ARGS[2:]], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "pretrain done (safeclip): 3 epochs" in proc.stdout
+    record = metrics(run)[-1]
+    assert record["pairs"] > 0 and record["steps"] >= 1
+    scores = run / "scores" / "epoch=2"
+    assert json.loads((scores / "embed.json").read_text())["count"] == 200  # both ranks' shards
+    single = split(scores, tmp_path / "single", "safeclip", epoch=0, seed=0)
+    assert safe_keys(tmp_path / "single") == safe_keys(run / "splits" / "epoch=2")
+    assert single.manifest["counts"]["safe"] == record["n_safe"]
