@@ -73,3 +73,15 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     save_checkpoint(path, model, config, training_state={})
     return path
+
+
+def write_sample_subset(out_dir, n: int, samples_per_shard: int) -> None:
+    """The first `n` pairs of the bundled Fashion-MNIST sample, as shards in `out_dir`."""
+    import itertools
+
+    from sanitize.fashion_mnist import sample_path
+    from sanitize.pairs import open_pairs
+    from sanitize.shards import write_pairs
+
+    source = open_pairs(str(sample_path() / "train"))
+    assert write_pairs(itertools.islice(source, n), out_dir, samples_per_shard=samples_per_shard) == n

@@ -6,7 +6,6 @@ the training pass, and a 2-process torchrun run splits exactly like one process.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -19,8 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from sanitize.pairs import open_pairs
-from sanitize.shards import write_pairs
+from conftest import write_sample_subset
 
 runner = CliRunner()
 # 200 pairs in 2 shards of 100, batch 32: 7 steps per epoch; 1 unimodal + 1 CLIP + 2 split epochs.
@@ -30,15 +28,9 @@ ARGS = ["--epochs", "4", "--unimodal-epochs", "1", "--clip-epochs", "1", "--batc
 
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory):
+    """The first 200 pairs of the bundled sample."""
     out = tmp_path_factory.mktemp("fmnist200")
-    try:
-        from sanitize.fashion_mnist import sample_path
-        source = open_pairs(str(sample_path() / "train"))
-    except Exception:  # the sample ships with the package; fall back only in a partial checkout
-        from conftest import write_class_pairs
-        write_class_pairs(out, 200, samples_per_shard=100)
-        return out
-    assert write_pairs(itertools.islice(source, 200), out, samples_per_shard=100) == 200
+    write_sample_subset(out, 200, samples_per_shard=100)
     return out
 
 

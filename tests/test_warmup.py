@@ -4,7 +4,6 @@ unimodal losses fall, the checkpoint reloads, and an interrupted run resumed wit
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
@@ -12,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
+from conftest import write_sample_subset
 from sanitize.checkpoint import load_checkpoint
 from sanitize.pairs import open_pairs
-from sanitize.shards import write_pairs
 
 runner = CliRunner()
 # 192 pairs in 2 shards of 96, batch 64: 3 steps per epoch, 3 unimodal + 1 CLIP epoch.
@@ -25,16 +24,9 @@ STEPS = 12
 
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory):
-    """The first 192 pairs of the bundled sample (synthetic class pairs if it is absent)."""
+    """The first 192 pairs of the bundled sample."""
     out = tmp_path_factory.mktemp("fmnist192")
-    try:
-        from sanitize.fashion_mnist import sample_path
-        source = open_pairs(str(sample_path() / "train"))
-    except Exception:  # the sample ships with the package; fall back only in a partial checkout
-        from conftest import write_class_pairs
-        write_class_pairs(out, 192, samples_per_shard=96)
-        return out
-    assert write_pairs(itertools.islice(source, 192), out, samples_per_shard=96) == 192
+    write_sample_subset(out, 192, samples_per_shard=96)
     return out
 
 
