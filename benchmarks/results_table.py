@@ -38,7 +38,10 @@ def detection(cell: dict) -> str:
 
 
 def write_results(results: Path, docs: Path) -> None:
+    """Write docs/results.md + results.png, and copy each cell's JSON (commands, timings,
+    full eval output) to docs/results/ so the table's sources are committed with it."""
     rows, cells = [], {}
+    (docs / "results").mkdir(parents=True, exist_ok=True)
     for attack in ATTACKS:
         for defense in DEFENSES:
             path = results / f"{attack}__{defense}.json"
@@ -47,17 +50,18 @@ def write_results(results: Path, docs: Path) -> None:
                 continue
             cell = json.loads(path.read_text())
             cells[(attack, defense)] = cell
+            (docs / "results" / path.name).write_text(path.read_text())
             ev = cell["eval"]
             probe = (ev.get("linear_probe") or {}).get("accuracy")
             rows.append(f"| {attack} | {defense} | {_pct(ev['zero_shot']['top1'])} | {_pct(probe)} | "
                         f"{attack_success(cell)} | {detection(cell)} | {cell['train_seconds'] / 60:.0f} min | "
-                        f"`{attack}__{defense}.json` |")
+                        f"[json](results/{attack}__{defense}.json) |")
     lines = [
         "# Defense benchmark: captioned Fashion-MNIST",
         "",
         "Produced by `python benchmarks/defense.py --work bench --cell ATTACK:DEFENSE` (one cell at a time)",
         "and `python benchmarks/defense.py --work bench --table`. Every cell's exact commands and wall",
-        "times are in its JSON (`bench/results/ATTACK__DEFENSE.json`), listed in the last column.",
+        "times are in its JSON (docs/results/ATTACK__DEFENSE.json), linked in the last column.",
         "",
         "Attack success: targeted poisoning as flipped targets of 16; backdoors as ASR with the",
         "no-trigger rate in brackets (share of non-target test images classified as the target class",
@@ -104,6 +108,7 @@ def _figure(cells: dict, path: Path) -> None:
     for ax, title in zip(axes, ("attack success (%)", "clean zero-shot top-1 (%)")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(attacks))], attacks, rotation=20)
         ax.set_title(title)
+        ax.set_ylim(0, 100)
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
