@@ -131,8 +131,16 @@ def run_cell(work: Path, attack: str, defense: str, epochs: int) -> dict:
             "machine": f"{os.cpu_count()} CPU cores", "load_after": os.getloadavg()}
     out = work / "results" / f"{attack}__{defense}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(cell, indent=2, default=str))
+    out.write_text(portable(json.dumps(cell, indent=2, default=str), work))
     return cell
+
+
+def portable(text: str, work: Path) -> str:
+    """Recorded commands and paths say `bench/...`, not this machine's folder, so the
+    cell JSON can be committed and rerun anywhere with `--work bench`."""
+    for prefix in sorted({str(work.resolve()), str(work)}, key=len, reverse=True):
+        text = text.replace(prefix, "bench")
+    return text
 
 
 def main() -> None:

@@ -68,6 +68,10 @@ def write_results(results: Path, docs: Path) -> None:
         "without the trigger). Detection: recall / precision of poisons in the risky set at the first",
         "split, AUROC of p_clean, and the largest poison-free safe share.",
         "",
+        f"Cells run: {len(cells)} of {len(ATTACKS) * len(DEFENSES)}. The issue's targets are met only when"
+        " every row is filled in and says so; an empty row is not a result.",
+        "",
+        *(["![attack success and clean accuracy per defense](results.png)", ""] if cells else []),
         "| attack | defense | zero-shot top-1 | linear probe | attack success | detection (first split) | train time | cell |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
