@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import typer
@@ -71,3 +72,36 @@ def progress_counter(total: int | None, description: str, unit: str = "pairs",
                 bar.update(task, rate=f"{bar.tasks[0].completed / elapsed:,.0f} {unit}/s")
 
         yield advance
+
+
+class EpochBar:
+    """Training progress: one bar per epoch with the running loss, pairs/s and lr (warmup, pretrain)."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=err_console, disable=not sys.stderr.isatty())
+        self.task = None
+        self.pairs = 0
+        self.started = 0.0
+        self.loss = None
+
+    def __enter__(self) -> "EpochBar":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def epoch_start(self, phase: str, epoch: int, batches: int) -> None:
+        if self.task is not None:
+            self.progress.stop_task(self.task)
+        self.task = self.progress.add_task(f"epoch {epoch + 1} {phase}", total=batches, info="")
+        self.pairs, self.started, self.loss = 0, time.perf_counter(), None
+
+    def step(self, pairs: int, losses: dict, lr: float) -> None:
+        loss = sum(losses.values())
+        self.loss = loss if self.loss is None else 0.9 * self.loss + 0.1 * loss
+        self.pairs += pairs
+        rate = self.pairs / max(1e-9, time.perf_counter() - self.started)
+        self.progress.update(self.task, advance=1, info=f"loss {self.loss:.3f}  {rate:,.0f} pairs/s  lr {lr:.2e}")

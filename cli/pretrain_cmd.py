@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import done, fail, user_errors, warn
+from .common import EpochBar, done, fail, user_errors, warn
 
 PRESET_HELP = ("Fill in every option not given: 'paper' = the official SafeCLIP defaults (RN50, batch 128 per "
                "process, AdamW lr 5e-4 wd 0.1, 10k warm-up steps then cosine, 32 epochs = 5 unimodal + 1 CLIP "
@@ -131,11 +131,10 @@ def pretrain(
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = max(1, ((os.cpu_count() or 1) // per_node) - workers)
 
-    from .warmup_cmd import _Bar  # the warm-up's per-epoch bar (running loss, pairs/s, lr)
 
     from sanitize.pretrain import Hooks
 
-    with user_errors(), _Bar() as bar:
+    with user_errors(), EpochBar() as bar:
         bar.progress.disable = bar.progress.disable or not ctx.is_main
         scoring: dict = {}
 

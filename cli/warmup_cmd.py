@@ -3,50 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .common import done, err_console, fail, user_errors, warn
-
-
-class _Bar:
-    """A rich progress bar per epoch showing the running loss and pairs/s."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=err_console, disable=not sys.stderr.isatty())
-        self.task = None
-        self.pairs = 0
-        self.started = 0.0
-        self.loss = None
-
-    def __enter__(self) -> "_Bar":
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-    def epoch_start(self, phase: str, epoch: int, batches: int) -> None:
-        if self.task is not None:
-            self.progress.stop_task(self.task)
-        self.task = self.progress.add_task(f"epoch {epoch + 1} {phase}", total=batches, info="")
-        self.pairs, self.started, self.loss = 0, time.perf_counter(), None
-
-    def step(self, pairs: int, losses: dict, lr: float) -> None:
-        loss = sum(losses.values())
-        self.loss = loss if self.loss is None else 0.9 * self.loss + 0.1 * loss
-        self.pairs += pairs
-        rate = self.pairs / max(1e-9, time.perf_counter() - self.started)
-        self.progress.update(self.task, advance=1, info=f"loss {self.loss:.3f}  {rate:,.0f} pairs/s  lr {lr:.2e}")
+from .common import EpochBar, done, fail, user_errors, warn
 
 
 def warmup(
@@ -114,7 +76,7 @@ def warmup(
     if resume:
         with user_errors():
             _warn_ignored_options(out, config)
-    with user_errors(), _Bar() as bar:
+    with user_errors(), EpochBar() as bar:
         result = run_warmup(src, out, config, resume=resume, device=device, max_steps=max_steps,
                             source_format=source_format, threads=threads,
                             csv_options=CsvOptions(image_column=image_column, caption_column=caption_column),

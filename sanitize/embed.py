@@ -202,9 +202,7 @@ def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable
         for item in loader:
             if isinstance(item, _ShardDone):
                 parts = pending.pop(item.shard_index, None)
-                result.skips.counts.update(item.skips.counts)
-                for reason, examples in item.skips.examples.items():
-                    result.skips.examples.setdefault(reason, []).extend(examples)
+                result.skips.merge(item.skips)
                 if parts is None:  # a shard with no readable pair still gets its (empty) file
                     parts = {"keys": [], "captions": [], "metas": [], "image": [], "text": []}
                 dim = _embed_dim(model)
