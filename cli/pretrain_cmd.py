@@ -45,6 +45,11 @@ def pretrain(
                                                             "safeclip[:threshold=T,step=S,cap=C,r0=R], fraction:F, "
                                                             "threshold:T [safeclip; clip-score: fraction:0.3]."),
     ranking: str = typer.Option("global", help="Split ranking: global (the paper's) or balanced."),
+    clip_views: str = typer.Option("auto", help="What the CLIP loss trains on: cross (SafeCLIP's "
+                                                "cross-augmented loss on two augmented views), plain (CLIP on "
+                                                "the image and caption as they are; half the work), auto "
+                                                "(cross for safeclip, plain for the none/clip-score baselines, "
+                                                "as in the paper)."),
     score_from_training: bool = typer.Option(False, help="Score each split from the embeddings the previous "
                                                          "epoch's training pass computed (view 1 of every pair) "
                                                          "instead of a separate no-grad pass."),
@@ -65,6 +70,10 @@ def pretrain(
     threads: int = typer.Option(0, help="torch CPU threads; 0 = one per core not used by workers."),
     seed: int = typer.Option(0, help="Seed for model init, data order, augmentations and the mixture fit."),
     source_format: Optional[str] = typer.Option(None, "--format", help="Force the source format."),
+    warmup_from: Optional[Path] = typer.Option(None, help="Take phases 1-2 from this finished warm-up "
+                                                          "checkpoint (`safeclip warmup`'s output or another "
+                                                          "run's RUN/warmup.pt) instead of training them; its "
+                                                          "settings must match this run's."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its newest checkpoint "
                                             "(its saved settings are used)."),
     overwrite: bool = typer.Option(False, help="Delete an existing run folder at --out first."),
@@ -101,7 +110,7 @@ def pretrain(
                         precision=precision, grad_clip=grad_clip, seed=seed, num_workers=workers)
     config = PretrainConfig(warmup=wcfg, epochs=values.get("epochs", 32), defense=defense,
                             ratio_schedule=values.get("ratio_schedule", "safeclip"), ranking=ranking,
-                            score_from_training=score_from_training, fit_sample=fit_sample, local_loss=local_loss,
+                            clip_views=clip_views, score_from_training=score_from_training, fit_sample=fit_sample, local_loss=local_loss,
                             keep=keep, eval_every=eval_every, eval_test=eval_test, eval_classes=eval_classes)
     if not resume:
         with user_errors():
@@ -147,7 +156,8 @@ def pretrain(
         hooks = Hooks(warmup_epoch_start=bar.epoch_start, step=bar.step, epoch_start=bar.epoch_start,
                       stage=stage, score_batch=score_batch)
         result = run_pretrain(src, out, config, resume=resume, ctx=ctx, device=device, source_format=source_format,
-                              threads=threads, hooks=hooks)
+                              threads=threads, hooks=hooks,
+                              warmup_from=str(warmup_from) if warmup_from else None)
     if ctx.enabled:
         torch.distributed.destroy_process_group()
     if not ctx.is_main:

@@ -12,6 +12,13 @@ Phase 3, for each later epoch K:
   3. train one pass: the safe set with the cross-augmented CLIP loss and the risky
      set with the unimodal nearest-neighbour loss.
 
+CLIP views (`clip_views`): "cross" is SafeCLIP's cross-augmented CLIP loss on two
+SimCLR/EDA views; "plain" is CLIP's own loss on the eval-transformed image and the
+caption as written (one forward per pair, half the work). "auto" takes cross for
+the safeclip defense (the paper) and plain for the baselines, which the paper
+compares against as plain CLIP, and whose attacks must be allowed to work: random
+crops cut a corner trigger out of about a quarter of the views.
+
 How the two losses share an epoch (following the official code: one epoch visits
 the safe set with the CLIP loss and the risky set with the unimodal loss): the
 safe and risky partitions are two streams of full-size batches, interleaved in
@@ -20,8 +27,7 @@ risky one in its share of the epoch). Each optimizer step is one loss on one
 batch, so the CLIP loss keeps its full batch of negatives even when the safe set
 is small, and every pair is seen exactly once per epoch.
 
-Baselines: `defense="none"` trains the same cross-augmented CLIP loss on every
-pair for every epoch (no warm-up phases, never splits); `defense="clip-score"`
+Baselines: `defense="none"` trains the CLIP loss on every pair for every epoch (no warm-up phases, never splits); `defense="clip-score"`
 warms up, splits once with a fixed fraction/threshold and trains the CLIP loss on
 that safe set only (DataComp-style filtering).
 
@@ -84,6 +90,7 @@ class PretrainConfig:
     defense: str = "safeclip"
     ratio_schedule: str = "safeclip"
     ranking: str = "global"
+    clip_views: str = "auto"
     score_from_training: bool = False
     fit_sample: int = 1_000_000
     score_batch_size: int = 256
@@ -104,6 +111,13 @@ class PretrainConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"warmup"}
         return cls(warmup=WarmupConfig.from_dict(data.get("warmup", {})),
                    **{k: v for k, v in data.items() if k in known})
+
+    @property
+    def clip_view_mode(self) -> str:
+        """"plain" or "cross": what the CLIP loss of phase 3 trains on (see the module doc)."""
+        if self.clip_views != "auto":
+            return self.clip_views
+        return "cross" if self.defense == "safeclip" else "plain"
 
     @property
     def warm_epochs(self) -> int:
@@ -130,6 +144,8 @@ class PretrainConfig:
             raise ValueError("--defense clip-score needs a fixed cut: --ratio-schedule fraction:F or threshold:T")
         if self.ranking not in ("global", "balanced"):
             raise ValueError(f"unknown ranking {self.ranking!r}; choose global or balanced")
+        if self.clip_views not in ("auto", "plain", "cross"):
+            raise ValueError(f"unknown --clip-views {self.clip_views!r}; choose auto, plain or cross")
         if self.keep < 1:
             raise ValueError("--keep must be >= 1")
         if self.eval_every < 0:
@@ -330,6 +346,16 @@ class Phase3Step:
         from .losses import MAX_LOGIT_SCALE
 
         n = len(batch["key"])
+        if "image" in batch:  # plain CLIP: one forward of the pair as it is
+            out = self.net(batch["image"].to(self.device, non_blocking=True),
+                           batch["text"].to(self.device, non_blocking=True))
+            image, text, scale = out[0].float(), out[1].float(), out[2].float().clamp(max=MAX_LOGIT_SCALE)
+            if self.keep is not None:
+                image_np, text_np = image.detach().cpu().numpy(), text.detach().cpu().numpy()
+                for i, key in enumerate(batch["key"]):
+                    self.keep[key] = (image_np[i], text_np[i])
+            loss = _ddp_clip_loss(image, text, scale, self.ctx, self.local_loss)
+            return loss, {"loss_clip": loss.item()}
         images = torch.cat([batch["image1"], batch["image2"]]).to(self.device, non_blocking=True)
         texts = torch.cat([batch["text1"], batch["text2"]]).to(self.device, non_blocking=True)
         out = self.net(images, texts)  # open_clip: normalised image, text features, exp(logit_scale)
@@ -472,11 +498,36 @@ def _device(device: str, ctx: Dist) -> torch.device:
     return torch.device(device)
 
 
+def adopt_warmup(warmup: str | os.PathLike, layout: Layout, config: PretrainConfig) -> None:
+    """Copy a finished warm-up (`safeclip warmup`, or another run's RUN/warmup.pt) into
+    this run, so ablations on the same data share phases 1–2 instead of repeating them.
+    Its settings must equal this run's warm-up settings (workers aside): the run then
+    ends exactly as if it had trained the warm-up itself."""
+    from .warmup import side_paths
+
+    state = read_checkpoint(warmup)["training_state"]
+    if state.get("stage") != "warmup":
+        raise CheckpointError(f"{warmup}: not a warm-up checkpoint (stage {state.get('stage')!r})")
+    if not state.get("warmup_state", {}).get("finished"):
+        raise CheckpointError(f"{warmup}: the warm-up did not finish; resume it first")
+    theirs, ours = dict(state.get("warmup_config", {})), config.warmup.to_dict()
+    differ = sorted(k for k in set(theirs) | set(ours) if k != "num_workers" and theirs.get(k) != ours.get(k))
+    if differ:
+        raise ValueError(f"{warmup}: trained with other warm-up settings ("
+                         + ", ".join(f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in differ) + ")")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(layout.warmup, Path(warmup).read_bytes())
+    for theirs_side, ours_side in zip(side_paths(warmup), side_paths(layout.warmup)):
+        if theirs_side.exists():
+            atomic_write_bytes(ours_side, theirs_side.read_bytes())
+
+
 def run_pretrain(src: str, run: str | os.PathLike, config: PretrainConfig, *, resume: bool = False,
                  ctx: Dist | None = None, device: str = "auto", source_format: str | None = None,
-                 threads: int | None = None, hooks: Hooks | None = None,
+                 threads: int | None = None, hooks: Hooks | None = None, warmup_from: str | None = None,
                  stop_after_epoch: int | None = None, max_steps_per_epoch: int | None = None) -> PretrainResult:
     """Train from pairs at `src` into the run folder `run` (see the module doc).
+    `warmup_from` takes phases 1–2 from a finished warm-up checkpoint (`adopt_warmup`).
     `stop_after_epoch` ends the run after that overall epoch and `max_steps_per_epoch`
     cuts each phase-3 epoch short (benchmarks: time a fraction of an epoch)."""
     from .split import split
@@ -504,6 +555,12 @@ def run_pretrain(src: str, run: str | os.PathLike, config: PretrainConfig, *, re
     config.validate()
     wcfg = config.warmup
     source = open_pairs(src, format=source_format)  # a bad source fails before RUN is touched
+    if warmup_from and config.defense == "none":
+        raise ValueError("--warmup-from does not apply to --defense none (it has no warm-up)")
+    if warmup_from and saved is None and not layout.warmup.exists():
+        if ctx.is_main:
+            adopt_warmup(warmup_from, layout, config)
+        barrier(ctx)
     if ctx.is_main:
         layout.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(layout.config, config.to_dict())
@@ -567,15 +624,17 @@ def run_pretrain(src: str, run: str | os.PathLike, config: PretrainConfig, *, re
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    full = PairBatches(source, tokenizer, image_size, wcfg.batch_size, seed=wcfg.seed, views=True, plain=False,
+    plain_clip = config.clip_view_mode == "plain"
+    full = PairBatches(source, tokenizer, image_size, wcfg.batch_size, seed=wcfg.seed,
+                       views=not plain_clip, plain=plain_clip,
                        shuffle_buffer=wcfg.shuffle_buffer, eda=EDA(alpha=wcfg.eda_alpha),
                        crop_scale=wcfg.crop_scale, rank=ctx.rank, world_size=ctx.world_size)
     n_pairs = full.pairs_per_epoch() if ctx.world_size == 1 else sum(full.shard_counts())
     if n_pairs < 2:
         raise ValueError(f"{src}: need at least 2 pairs to train, found {n_pairs}")
     shape = {"shards": len(source.shards), "pairs": sum(full.shard_counts())}
-    if saved is not None and saved.get("source_shape", shape) != shape:
-        raise ValueError(f"{src}: not the data this run was trained on ({saved.get('source_shape')} vs {shape})")
+    if state_from is not None and state_from.get("source_shape", shape) != shape:
+        raise ValueError(f"{src}: not the data this run was trained on ({state_from.get('source_shape')} vs {shape})")
 
     first_epoch = config.warm_epochs if saved is None else int(saved["epoch"]) + 1
     phase_epochs = config.epochs - config.warm_epochs
@@ -598,7 +657,8 @@ def run_pretrain(src: str, run: str | os.PathLike, config: PretrainConfig, *, re
             break
         k = epoch - config.warm_epochs  # index inside phase 3 = the schedule's epoch
         seconds: dict[str, float] = {}
-        record: dict = {"epoch": epoch, "stage": "pretrain", "phase": config.defense, "phase_epoch": k}
+        record: dict = {"epoch": epoch, "stage": "pretrain", "phase": config.defense, "phase_epoch": k,
+                        "clip_views": config.clip_view_mode}
 
         # 1-2. score and split (rank 0 splits; everyone reads the same partition)
         keys_safe = keys_risky = None
@@ -648,9 +708,10 @@ def run_pretrain(src: str, run: str | os.PathLike, config: PretrainConfig, *, re
         else:
             for tag, keys_by_shard in (("clip", keys_safe), ("unimodal", keys_risky)):
                 if sum(len(v) for v in keys_by_shard.values()):
+                    plain = plain_clip and tag == "clip"
                     streams_data[tag] = PairBatches(
                         subset_source(source, keys_by_shard), tokenizer, image_size, wcfg.batch_size,
-                        seed=wcfg.seed, views=True, plain=False, shuffle_buffer=wcfg.shuffle_buffer,
+                        seed=wcfg.seed, views=not plain, plain=plain, shuffle_buffer=wcfg.shuffle_buffer,
                         eda=EDA(alpha=wcfg.eda_alpha), crop_scale=wcfg.crop_scale, rank=ctx.rank,
                         world_size=ctx.world_size)
         counts = {}

@@ -127,6 +127,21 @@ def test_resume_after_kill_matches_uninterrupted(full_run, pairs_dir, tmp_path, 
     assert safe_keys(run / "splits" / "epoch=3") == safe_keys(run_full / "splits" / "epoch=3")
 
 
+def record_batch_kinds(monkeypatch) -> list[str]:
+    """Which kind of batch every phase-3 step trained on: plain pairs or two views."""
+    import sanitize.pretrain as pretrain_mod
+
+    seen: list[str] = []
+    original = pretrain_mod.Phase3Step.__call__
+
+    def call(self, batch):
+        seen.append(("plain" if "image" in batch else "views") + ":" + batch["loss"])
+        return original(self, batch)
+
+    monkeypatch.setattr(pretrain_mod.Phase3Step, "__call__", call)
+    return seen
+
+
 def test_defense_none_never_splits(pairs_dir, tmp_path, monkeypatch):
     import sanitize.split
 
@@ -134,6 +149,7 @@ def test_defense_none_never_splits(pairs_dir, tmp_path, monkeypatch):
         raise AssertionError("--defense none must not split")
 
     monkeypatch.setattr(sanitize.split, "split", no_split)
+    seen = record_batch_kinds(monkeypatch)
     run = tmp_path / "run"
     result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), "--defense", "none",
                                  "--epochs", "2", *ARGS[6:]])
@@ -142,6 +158,53 @@ def test_defense_none_never_splits(pairs_dir, tmp_path, monkeypatch):
     assert [r["phase"] for r in records] == ["none", "none"]  # no warm-up phases
     assert all(r["pairs"] == 200 and r["steps"] == r["steps_clip"] == 7 and "safe_ratio" not in r for r in records)
     assert not (run / "splits").exists() and not (run / "warmup.pt").exists()
+    # the baseline is plain CLIP by default (the paper's), one forward per pair
+    assert seen == ["plain:clip"] * 14 and {r["clip_views"] for r in records} == {"plain"}
+
+    seen.clear()
+    cross = tmp_path / "cross"
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(cross), "--defense", "none",
+                                 "--clip-views", "cross", "--epochs", "1", *ARGS[6:]])
+    assert result.exit_code == 0, result.output
+    assert seen == ["views:clip"] * 7 and metrics(cross)[0]["clip_views"] == "cross"
+    assert metrics(cross)[0]["loss_clip"] != metrics(run)[0]["loss_clip"]
+
+
+def test_safeclip_trains_cross_views_unless_told_plain(full_run, pairs_dir, tmp_path, monkeypatch):
+    """Default: the safe set with the cross-augmented loss; --clip-views plain: the safe set
+    as plain pairs while the risky set keeps its two views. The warm-up is taken from the
+    full run (--warmup-from), which must end in the full run's weights when nothing else changes."""
+    run_full, _ = full_run
+    seen = record_batch_kinds(monkeypatch)
+    run = tmp_path / "adopted"
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), *ARGS, "--eval-every", "1",
+                                 "--eval-test", str(pairs_dir), "--warmup-from", str(run_full / "warmup.pt")])
+    assert result.exit_code == 0, result.output
+    assert set(seen) == {"views:clip", "views:unimodal"}
+    a = torch.load(run_full / "checkpoints" / "epoch_0003.pt", weights_only=True)["state_dict"]
+    b = torch.load(run / "checkpoints" / "epoch_0003.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(t, b[name]) for name, t in a.items())
+    assert [r["stage"] for r in metrics(run)] == ["warmup", "warmup", "pretrain", "pretrain"]
+
+    seen.clear()
+    plain = tmp_path / "plain"
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(plain), *ARGS, "--clip-views", "plain",
+                                 "--warmup-from", str(run_full / "warmup.pt")])
+    assert result.exit_code == 0, result.output
+    assert set(seen) == {"plain:clip", "views:unimodal"}
+
+
+def test_warmup_from_must_match_the_run(full_run, pairs_dir, tmp_path):
+    run_full, _ = full_run
+    other = ["--lr" if a == "--lr" else a for a in ARGS]
+    other[other.index("--lr") + 1] = "1e-3"
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(tmp_path / "a"), *other,
+                                 "--warmup-from", str(run_full / "warmup.pt")])
+    assert result.exit_code != 0 and "other warm-up settings (lr 0.002 vs 0.001)" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "a").exists()
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(tmp_path / "b"), *ARGS,
+                                 "--warmup-from", str(run_full / "checkpoints" / "epoch_0003.pt")])
+    assert result.exit_code != 0 and "not a warm-up checkpoint" in result.output
 
 
 def test_clip_score_and_score_from_training(pairs_dir, tmp_path):
@@ -154,6 +217,7 @@ def test_clip_score_and_score_from_training(pairs_dir, tmp_path):
     assert [r["split"].endswith("epoch=2") for r in records] == [True, True]
     assert not (run / "splits" / "epoch=3").exists()
     assert all(r["steps_unimodal"] == 0 and r["pairs"] == 100 for r in records)  # top half only
+    assert {r["clip_views"] for r in records} == {"plain"}  # a CLIP baseline: plain CLIP, as --defense none
 
     # score-from-training: epoch 3's scores come from epoch 2's training pass
     run = tmp_path / "sft"
@@ -176,6 +240,7 @@ def test_clip_score_and_score_from_training(pairs_dir, tmp_path):
     (["--ratio-schedule", "linear:0.2"], "unknown kind"),
     (["--defense", "clip-score", "--ratio-schedule", "safeclip"], "fixed cut"),
     (["--preset", "huge"], "unknown preset"),
+    (["--clip-views", "both"], "unknown --clip-views"),
 ])
 def test_bad_config_is_one_line_error(pairs_dir, tmp_path, args, message):
     result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(tmp_path / "run"), *args])
