@@ -9,9 +9,15 @@ verbatim in the cell's JSON so anyone can rerun it.
 
     python benchmarks/defense.py --work bench --list
     python benchmarks/defense.py --work bench --cell badnet:none --cell badnet:safeclip
+    python benchmarks/defense.py --work bench --cell 'all:*'      # the grid's defenses for one attack
+    python benchmarks/defense.py --work bench --cell all:safeclip-plain   # an ablation, by name
     python benchmarks/defense.py --work bench --table
 
-Not run in CI: one cell takes 15-25 minutes on 2 CPU cores.
+A cell whose run and eval are already in WORK is rebuilt from them without training
+again; each cell's JSON lists every command that makes it, cached or not. The other
+warm-up defenses of an attack reuse the safeclip cell's warm-up (`--warmup-from`).
+
+Not run in CI: one cell takes 20-45 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from pathlib import Path
 
 ATTACKS = ("targeted", "badnet", "blended", "wanet", "label-consistent", "all")
 DEFENSES = ("none", "safeclip", "safeclip-balanced", "clip-score")
+# Ablations: run on request, shown in the table only once run.
+VARIANTS = ("safeclip-plain", "safeclip-sft")
 BACKDOOR_TARGET = "trouser"
 BACKDOOR_COUNT = 150  # 0.25% of 60k, as in the issue's BadNet setting
 
@@ -45,6 +53,8 @@ DEFENSE_OPTIONS = {
     "safeclip": ["--defense", "safeclip"],
     "safeclip-balanced": ["--defense", "safeclip", "--ranking", "balanced"],
     "clip-score": ["--defense", "clip-score", "--ratio-schedule", "fraction:0.3"],
+    "safeclip-plain": ["--defense", "safeclip", "--clip-views", "plain"],  # safe set as plain CLIP pairs
+    "safeclip-sft": ["--defense", "safeclip", "--score-from-training"],  # no separate scoring pass
 }
 
 
@@ -53,10 +63,15 @@ def safeclip() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "cli.main"]
 
 
-def run(args: list[str], log: list[dict]) -> None:
-    """Run one safeclip command, stream its output, record it and its wall time."""
+def run(args: list[str], log: list[dict], cached: bool = False) -> None:
+    """Run one safeclip command, stream its output, record it and its wall time. With
+    `cached` (its output is already there) it is only recorded, so every cell lists the
+    full command sequence that rebuilds it."""
     cmd = safeclip() + args
     shown = "safeclip " + " ".join(shlex.quote(a) for a in args)
+    if cached:
+        log.append({"command": shown, "seconds": None, "cached": True})
+        return
     print(f"\n$ {shown}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -65,25 +80,23 @@ def run(args: list[str], log: list[dict]) -> None:
 
 def ensure_data(work: Path, log: list[dict]) -> Path:
     data = work / "fm"
-    if not (data / "test" / "sizes.json").exists():
-        run(["data", "fashion-mnist", "--out", str(data), "--noise", "0.03", "--seed", "0"], log)
+    run(["data", "fashion-mnist", "--out", str(data), "--noise", "0.03", "--seed", "0"], log,
+        cached=(data / "test" / "sizes.json").exists())
     probe = work / "probe"  # 10k clean train images for the linear probe (keys as in fm/train)
-    if not (probe / "train" / "sizes.json").exists():
-        run(["data", "fashion-mnist", "--out", str(probe), "--noise", "0", "--seed", "1",
-             "--train-size", "10000", "--test-size", "10"], log)
+    run(["data", "fashion-mnist", "--out", str(probe), "--noise", "0", "--seed", "1",
+         "--train-size", "10000", "--test-size", "10"], log, cached=(probe / "train" / "sizes.json").exists())
     return data
 
 
 def ensure_poisoned(work: Path, data: Path, attack: str, log: list[dict]) -> Path:
     out = work / "poisoned" / attack
-    if (out / "manifest.parquet").exists():
-        return out
+    cached = (out / "manifest.parquet").exists()
     steps = list(ATTACK_OPTIONS) if attack == "all" else [attack]
     src = data / "train"
     for i, step in enumerate(steps):
         target = out if i == len(steps) - 1 else work / "poisoned" / f"{attack}.step{i}"
         options = [o.format(data=data) for o in ATTACK_OPTIONS[step]]
-        run(["poison", str(src), "--out", str(target), "--seed", str(i), *options], log)
+        run(["poison", str(src), "--out", str(target), "--seed", str(i), *options], log, cached=cached)
         src = target
     return out
 
@@ -100,6 +113,65 @@ def first_split(run_dir: Path) -> Path | None:
     return splits[0] if splits else None
 
 
+def similarity_histogram(run_dir: Path, poisoned: Path, bins: int = 60) -> dict | None:
+    """Image-caption similarity at the first split, binned per kind of pair (clean,
+    caption noise, each attack), with the lowest safe similarity: the figure's data,
+    kept in the cell JSON so `--table` can draw it without the run folder."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    split = first_split(run_dir)
+    if split is None:
+        return None
+    scores = run_dir / "scores" / split.name
+    similarity = {}
+    for path in sorted(p for p in scores.glob("*.parquet") if not p.name.startswith(".")):
+        table = pq.ParquetFile(path).read(columns=["key", "similarity"])
+        similarity.update(zip(table.column("key").to_pylist(), table.column("similarity").to_numpy()))
+    manifest = pq.read_table(poisoned / "manifest.parquet", columns=["key", "attack", "kind"]).to_pylist()
+    groups: dict[str, list[float]] = {}
+    for row in manifest:
+        if row["key"] in similarity:
+            name = row["attack"] if row["kind"] == "poison" else row["kind"]
+            groups.setdefault(name, []).append(float(similarity[row["key"]]))
+    safe = [p for p in (split / "safe").glob("*.parquet") if not p.name.startswith(".")]
+    # file by file: the folder name epoch=K would otherwise be read as a second `epoch` column
+    safe_keys = {k for f in safe for k in pq.ParquetFile(f).read(columns=["key"]).column("key").to_pylist()}
+    values = np.array(list(similarity.values()), dtype=np.float64)
+    edges = np.linspace(values.min(), values.max(), bins + 1)
+    return {"split": split.name, "edges": [round(float(e), 5) for e in edges],
+            "counts": {name: np.histogram(v, edges)[0].tolist() for name, v in sorted(groups.items())},
+            "lowest_safe": min((float(similarity[k]) for k in safe_keys), default=None)}
+
+
+def _kinds(poisoned: Path) -> dict[str, str]:
+    """key -> clean, noise, or the attack that made the pair (from the poison manifest)."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(poisoned / "manifest.parquet", columns=["key", "attack", "kind"]).to_pylist()
+    return {r["key"]: r["attack"] if r["kind"] == "poison" else r["kind"] for r in rows}
+
+
+def safe_leaks(run_dir: Path, poisoned: Path) -> list[dict]:
+    """Every split of the run: safe-set size and its pairs that are not clean, by kind:
+    the poisons each epoch's CLIP loss actually trained on."""
+    import pyarrow.parquet as pq
+
+    kinds = _kinds(poisoned)
+    out = []
+    for split in sorted((run_dir / "splits").glob("epoch=*"), key=lambda p: int(p.name.split("=")[1])):
+        counts: dict[str, int] = {}
+        safe = 0
+        for path in sorted(p for p in (split / "safe").glob("*.parquet") if not p.name.startswith(".")):
+            for key in pq.ParquetFile(path).read(columns=["key"]).column("key").to_pylist():
+                safe += 1
+                kind = kinds.get(key, "clean")
+                if kind != "clean":
+                    counts[kind] = counts.get(kind, 0) + 1
+        out.append({"split": split.name, "safe": safe, "not_clean": dict(sorted(counts.items()))})
+    return out
+
+
 def run_cell(work: Path, attack: str, defense: str, epochs: int) -> dict:
     log: list[dict] = []
     start = time.perf_counter()
@@ -108,8 +180,14 @@ def run_cell(work: Path, attack: str, defense: str, epochs: int) -> dict:
     run_dir = work / "runs" / attack / defense
     train = ["pretrain", str(poisoned), "--out", str(run_dir), "--preset", "cpu", "--epochs", str(epochs),
              "--seed", "0", *DEFENSE_OPTIONS[defense]]
-    if (run_dir / "pretrain_stats.json").exists():
-        pass  # finished earlier: evaluate again only
+    # The warm-up depends on the data and the preset only: the other warm-up defenses of
+    # an attack take the safeclip cell's (identical) warm-up instead of training it again.
+    shared = work / "runs" / attack / "safeclip" / "warmup.pt"
+    shared_warmup = defense not in ("none", "safeclip") and shared.exists()
+    if shared_warmup:
+        train += ["--warmup-from", str(shared)]
+    if (run_dir / "pretrain_stats.json").exists():  # finished earlier: evaluate again only
+        run(train, log, cached=True)
     elif run_dir.exists():
         train.append("--resume")
         run(train, log)
@@ -123,10 +201,24 @@ def run_cell(work: Path, attack: str, defense: str, epochs: int) -> dict:
     split = first_split(run_dir)
     if split is not None:
         evaluate += ["--split", str(split)]
-    run(evaluate, log)
+    if result_json.exists() and result_json.stat().st_mtime > checkpoint.stat().st_mtime:
+        # evaluated after its last checkpoint: rebuild the cell from it (`--table` edits, timing fixes)
+        run(evaluate, log, cached=True)
+    else:
+        run(evaluate, log)
+    # Training time from the run's own per-epoch metrics, so it survives resumes and re-evaluations.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    warmup_seconds = sum(r["seconds"] for r in records if r.get("stage") == "warmup")
+    phase3_seconds = sum(r["seconds"]["total"] for r in records if r.get("stage") == "pretrain")
+    train_seconds = round(phase3_seconds + (0.0 if shared_warmup else warmup_seconds), 1)
     cell = {"attack": attack, "defense": defense, "epochs": epochs, "steps": log,
-            "wall_seconds": round(time.perf_counter() - start, 1),
-            "train_seconds": sum(s["seconds"] for s in log if s["command"].startswith("safeclip pretrain")),
+            "this_invocation_seconds": round(time.perf_counter() - start, 1),  # 0-ish when rebuilt from cache
+            "train_seconds": train_seconds,
+            # a shared warm-up's training time is added back, so every row costs the same work
+            "warmup_shared_from": str(shared) if shared_warmup else None,
+            "train_seconds_with_warmup": round(train_seconds + (warmup_seconds if shared_warmup else 0.0), 1),
+            "similarity_histogram": similarity_histogram(run_dir, poisoned),
+            "safe_leaks": safe_leaks(run_dir, poisoned),
             "eval": json.loads(result_json.read_text()),
             "machine": f"{os.cpu_count()} CPU cores", "load_after": os.getloadavg()}
     out = work / "results" / f"{attack}__{defense}.json"
@@ -151,7 +243,7 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="list the cells and which are done")
     parser.add_argument("--table", action="store_true", help="write docs/results.md from the cached cells")
     args = parser.parse_args()
-    cells = [(a, d) for a in ATTACKS for d in DEFENSES]
+    cells = [(a, d) for a in ATTACKS for d in DEFENSES + VARIANTS]
     if args.list:
         for attack, defense in cells:
             done = (args.work / "results" / f"{attack}__{defense}.json").exists()
@@ -159,9 +251,11 @@ def main() -> None:
         return
     for spec in args.cell:
         attack, _, defense = spec.partition(":")
-        chosen = [(a, d) for a, d in cells if attack in (a, "*") and defense in (d, "*")]
+        # "*" means the grid (DEFENSES); an ablation runs only when named
+        chosen = [(a, d) for a, d in cells if attack in (a, "*") and (defense == d or
+                                                                       (defense == "*" and d in DEFENSES))]
         if not chosen:
-            raise SystemExit(f"unknown cell {spec!r}; attacks {ATTACKS}, defenses {DEFENSES}")
+            raise SystemExit(f"unknown cell {spec!r}; attacks {ATTACKS}, defenses {DEFENSES + VARIANTS}")
         for a, d in chosen:
             run_cell(args.work, a, d, args.epochs)
     if args.table:

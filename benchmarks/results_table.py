@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from defense import ATTACKS, DEFENSES
+from defense import ATTACKS, DEFENSES, VARIANTS
+
+ALL_DEFENSES = DEFENSES + VARIANTS
 
 
 def _pct(value: float | None) -> str:
@@ -37,14 +39,82 @@ def detection(cell: dict) -> str:
             f"poison-free up to {_pct(det['poison_free_share'])} (safe {_pct(det['safe_share'])})")
 
 
+def train_time(cell: dict) -> str:
+    minutes = cell.get("train_seconds_with_warmup", cell["train_seconds"]) / 60
+    return f"{minutes:.0f} min" + (" (incl. shared warm-up)" if cell.get("warmup_shared_from") else "")
+
+
+def target_checks(cells: dict) -> list[str]:
+    """The issue's targets, checked against every cell that can speak to them."""
+    lines = []
+    for (attack, defense), cell in sorted(cells.items(), key=lambda kv: (ATTACKS.index(kv[0][0]),
+                                                                        ALL_DEFENSES.index(kv[0][1]))):
+        ev, checks = cell["eval"], []
+        targeted = ev.get("targeted")
+        backdoors = ev.get("backdoor") or []
+        if defense == "none":
+            if targeted:
+                ok = targeted["success"] >= 12
+                checks.append(f"targeted {targeted['success']}/{targeted['total']} flipped, needs >= 12: "
+                              f"{'met' if ok else 'MISSED'}")
+            for row in backdoors:
+                if row["attack"] == "badnet":
+                    ok = row["asr"] >= 0.8
+                    checks.append(f"BadNet ASR {_pct(row['asr'])}, needs >= 80%: {'met' if ok else 'MISSED'}")
+        elif defense.startswith("safeclip"):
+            if targeted:
+                ok = targeted["success"] == 0
+                checks.append(f"targeted {targeted['success']}/{targeted['total']}, needs 0: "
+                              f"{'met' if ok else 'MISSED'}")
+            base = cells.get((attack, "none"))
+            base_asr = {r["attack"]: r["asr"] - r["no_trigger"] for r in (base or {}).get("eval", {}).get("backdoor") or []}
+            for row in backdoors:
+                gap = 100 * (row["asr"] - row["no_trigger"])
+                check = (f"{row['attack']} ASR {_pct(row['asr'])} vs no-trigger {_pct(row['no_trigger'])} "
+                         f"({gap:+.1f} pt), needs within 1 pt: {'met' if gap <= 1.0 else 'MISSED'}")
+                if row["attack"] in base_asr and base_asr[row["attack"]] < 0.10:
+                    check += " (but the attack did not take without defense either, so this shows nothing)"
+                checks.append(check)
+            if base is not None:
+                gap = 100 * (ev["zero_shot"]["top1"] - base["eval"]["zero_shot"]["top1"])
+                checks.append(f"zero-shot {gap:+.1f} pt vs none at {cell['epochs']} epochs, needs >= -1 pt: "
+                              f"{'met' if gap >= -1.0 else 'MISSED'}")
+        if checks:
+            lines.append(f"- **{attack} / {defense}**: " + "; ".join(checks) + ".")
+    return lines
+
+
+def detection_rows(cells: dict) -> list[str]:
+    """Per attack (and caption noise) in every cell that split: where its pairs went."""
+    rows = []
+    for (attack, defense), cell in cells.items():
+        det = cell["eval"].get("detection")
+        for r in (det or {}).get("rows", []):
+            rows.append(f"| {attack} / {defense} | {r['name']} | {r['in_risky']}/{r['total']} | "
+                        f"{r['auroc']:.3f} | {_pct(r['poison_free_share'])} |")
+    return rows
+
+
+def leak_rows(cells: dict) -> list[str]:
+    """Per split of every cell: the non-clean pairs the safe set (the CLIP loss) held."""
+    rows = []
+    for (attack, defense), cell in cells.items():
+        for split in cell.get("safe_leaks") or []:
+            leaked = ", ".join(f"{kind} {n}" for kind, n in split["not_clean"].items()) or "none"
+            rows.append(f"| {attack} / {defense} | {split['split']} | {split['safe']:,} | {leaked} |")
+    return rows
+
+
 def write_results(results: Path, docs: Path) -> None:
     """Write docs/results.md + results.png, and copy each cell's JSON (commands, timings,
     full eval output) to docs/results/ so the table's sources are committed with it."""
     rows, cells = [], {}
     (docs / "results").mkdir(parents=True, exist_ok=True)
-    for attack in ATTACKS:
-        for defense in DEFENSES:
+    for attack in ("all",) + tuple(a for a in ATTACKS if a != "all"):  # the all-attacks row first
+        for defense in ALL_DEFENSES:
             path = results / f"{attack}__{defense}.json"
+            if not path.exists() and defense in VARIANTS:
+                continue  # ablations appear once run
             if not path.exists():
                 rows.append(f"| {attack} | {defense} | not run | | | | | |")
                 continue
@@ -54,7 +124,7 @@ def write_results(results: Path, docs: Path) -> None:
             ev = cell["eval"]
             probe = (ev.get("linear_probe") or {}).get("accuracy")
             rows.append(f"| {attack} | {defense} | {_pct(ev['zero_shot']['top1'])} | {_pct(probe)} | "
-                        f"{attack_success(cell)} | {detection(cell)} | {cell['train_seconds'] / 60:.0f} min | "
+                        f"{attack_success(cell)} | {detection(cell)} | {train_time(cell)} | "
                         f"[json](results/{attack}__{defense}.json) |")
     lines = [
         "# Defense benchmark: captioned Fashion-MNIST",
@@ -63,23 +133,92 @@ def write_results(results: Path, docs: Path) -> None:
         "and `python benchmarks/defense.py --work bench --table`. Every cell's exact commands and wall",
         "times are in its JSON (docs/results/ATTACK__DEFENSE.json), linked in the last column.",
         "",
+        "Setup: captioned Fashion-MNIST from Debian's `dataset-fashion-mnist` (60,000 train pairs,",
+        "3% caption noise; 10,000 test images), the shipped `safeclip-tiny-vit`, `--preset cpu`",
+        "(batch 512, AdamW lr 1e-3), the same number of epochs for every defense of a row (safeclip:",
+        "1 unimodal + 1 CLIP warm-up epoch, then score, split and train every epoch). `none` and",
+        "`clip-score` train plain CLIP (`--clip-views auto`); `safeclip` trains its safe set with the",
+        "cross-augmented loss. `safeclip-balanced` is `--ranking balanced`; `clip-score` keeps the top",
+        "30% by similarity after the same warm-up. Attacks: targeted = 16 test images × 25 poisoned",
+        "pairs; each backdoor = 150 pairs (0.25%) whose image carries the trigger and whose caption",
+        "names `trouser`; label-consistent = 150 trouser images with the BadNet trigger and their own",
+        "captions. In the `all` row every attack is in one dataset (61,000 pairs); BadNet and",
+        "label-consistent use the same checkerboard trigger there, so their ASRs are one measurement.",
+        "The warm-up of `safeclip-balanced` and `clip-score` is the `safeclip` cell's own (`--warmup-from`),",
+        "its time added back into their train time. Machine: 2 CPU cores, no GPU; cells were run two",
+        "at a time, so train times are those of a shared machine.",
+        "",
         "Attack success: targeted poisoning as flipped targets of 16; backdoors as ASR with the",
         "no-trigger rate in brackets (share of non-target test images classified as the target class",
         "without the trigger). Detection: recall / precision of poisons in the risky set at the first",
         "split, AUROC of p_clean, and the largest poison-free safe share.",
         "",
-        f"Cells run: {len(cells)} of {len(ATTACKS) * len(DEFENSES)}. The issue's targets are met only when"
+        f"Cells run: {sum(d in DEFENSES for _, d in cells)} of {len(ATTACKS) * len(DEFENSES)} (plus ablations). The issue's targets are met only when"
         " every row is filled in and says so; an empty row is not a result.",
         "",
-        *(["![attack success and clean accuracy per defense](results.png)", ""] if cells else []),
+        *(["## The issue's targets, checked", "", *target_checks(cells), ""] if cells else []),
+        *(["![attack success and clean accuracy per defense](results.png)", "",
+           "Left: the highest attack success among a cell's attacks (targeted: share of the 16 targets",
+           "flipped; backdoors: ASR). Right: clean zero-shot top-1 on the 10,000 test images.", ""]
+          if cells else []),
+        *(["![similarity at the first split, poisons marked](results_similarity.png)", "",
+           "Image-caption similarity of every pair at the first split (log scale), poisons by attack; "
+           "the dashed line is the lowest similarity in the safe set.", ""]
+          if any(c.get("similarity_histogram") for c in cells.values()) else []),
         "| attack | defense | zero-shot top-1 | linear probe | attack success | detection (first split) | train time | cell |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
+        *(["## Detection per attack at the first split", "",
+           "Where each kind of pair went at the first split of a run (`safeclip eval --split`): in the",
+           "risky set out of all, AUROC of `p_clean` against clean pairs, and the largest safe share that",
+           "would still have held none of them.", "",
+           "| cell | pairs | in risky | AUROC | poison-free up to |", "| --- | --- | --- | --- | --- |",
+           *detection_rows(cells), ""] if detection_rows(cells) else []),
+        *(["## What each split let into the safe set", "",
+           "The safe set is what the CLIP loss trains on, so these are the poisons a defended run",
+           "actually learned from, split by split (label-consistent poisons carry true captions, so",
+           "a similarity split cannot tell them from clean pairs; `noise` is the 3% caption noise).", "",
+           "| cell | split | safe pairs | not clean, in the safe set |", "| --- | --- | --- | --- |",
+           *leak_rows(cells), ""] if leak_rows(cells) else []),
     ]
+    notes = Path(__file__).with_name("results_notes.md")  # findings written by hand, kept with the table
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
     (docs / "results.md").write_text("\n".join(lines))
     if cells:
         _figure(cells, docs / "results.png")
+    with_histogram = [c for c in cells.values() if c.get("similarity_histogram")]
+    if with_histogram:
+        # the cell with the most kinds of poison (the all-attacks one when it has run)
+        chosen = max(with_histogram, key=lambda c: (len(c["similarity_histogram"]["counts"]),
+                                                    c["defense"] == "safeclip"))
+        _similarity_figure(chosen, docs / "results_similarity.png")
+
+
+def _similarity_figure(cell: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = cell["similarity_histogram"]
+    edges = hist["edges"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, counts in hist["counts"].items():
+        if name in ("clean", "noise"):
+            ax.stairs(counts, edges, fill=True, alpha=0.35, label=f"{name} ({sum(counts):,})")
+        else:
+            ax.stairs(counts, edges, linewidth=2, label=f"{name} ({sum(counts):,})")
+    if hist.get("lowest_safe") is not None:
+        ax.axvline(hist["lowest_safe"], color="black", linestyle="--", label="lowest safe similarity")
+    ax.set_yscale("log")
+    ax.set_xlabel("image-caption cosine similarity")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"{cell['attack']} / {cell['defense']}: similarity at the first split ({hist['split']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _figure(cells: dict, path: Path) -> None:
@@ -89,10 +228,11 @@ def _figure(cells: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attacks = [a for a in ATTACKS if any((a, d) in cells for d in DEFENSES)]
+    attacks = [a for a in ATTACKS if any((a, d) in cells for d in ALL_DEFENSES)]
+    defenses = [d for d in ALL_DEFENSES if d in DEFENSES or any((a, d) in cells for a in attacks)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.8 / len(DEFENSES)
-    for i, defense in enumerate(DEFENSES):
+    width = 0.8 / len(defenses)
+    for i, defense in enumerate(defenses):
         success, accuracy = [], []
         for attack in attacks:
             cell = cells.get((attack, defense))
