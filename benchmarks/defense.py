@@ -128,12 +128,10 @@ def similarity_histogram(run_dir: Path, poisoned: Path, bins: int = 60) -> dict 
     for path in sorted(p for p in scores.glob("*.parquet") if not p.name.startswith(".")):
         table = pq.ParquetFile(path).read(columns=["key", "similarity"])
         similarity.update(zip(table.column("key").to_pylist(), table.column("similarity").to_numpy()))
-    manifest = pq.read_table(poisoned / "manifest.parquet", columns=["key", "attack", "kind"]).to_pylist()
     groups: dict[str, list[float]] = {}
-    for row in manifest:
-        if row["key"] in similarity:
-            name = row["attack"] if row["kind"] == "poison" else row["kind"]
-            groups.setdefault(name, []).append(float(similarity[row["key"]]))
+    for key, kind in _kinds(poisoned).items():
+        if key in similarity:
+            groups.setdefault(kind, []).append(float(similarity[key]))
     safe = [p for p in (split / "safe").glob("*.parquet") if not p.name.startswith(".")]
     # file by file: the folder name epoch=K would otherwise be read as a second `epoch` column
     safe_keys = {k for f in safe for k in pq.ParquetFile(f).read(columns=["key"]).column("key").to_pylist()}
