@@ -67,7 +67,8 @@ def target_checks(cells: dict) -> list[str]:
                 checks.append(f"targeted {targeted['success']}/{targeted['total']}, needs 0: "
                               f"{'met' if ok else 'MISSED'}")
             base = cells.get((attack, "none"))
-            base_asr = {r["attack"]: r["asr"] - r["no_trigger"] for r in (base or {}).get("eval", {}).get("backdoor") or []}
+            base_rows = (base["eval"].get("backdoor") or []) if base else []
+            base_asr = {r["attack"]: r["asr"] - r["no_trigger"] for r in base_rows}
             for row in backdoors:
                 gap = 100 * (row["asr"] - row["no_trigger"])
                 check = (f"{row['attack']} ASR {_pct(row['asr'])} vs no-trigger {_pct(row['no_trigger'])} "

@@ -110,7 +110,8 @@ def pretrain(
                         precision=precision, grad_clip=grad_clip, seed=seed, num_workers=workers)
     config = PretrainConfig(warmup=wcfg, epochs=values.get("epochs", 32), defense=defense,
                             ratio_schedule=values.get("ratio_schedule", "safeclip"), ranking=ranking,
-                            clip_views=clip_views, score_from_training=score_from_training, fit_sample=fit_sample, local_loss=local_loss,
+                            clip_views=clip_views, score_from_training=score_from_training, fit_sample=fit_sample,
+                            local_loss=local_loss,
                             keep=keep, eval_every=eval_every, eval_test=eval_test, eval_classes=eval_classes)
     if not resume:
         with user_errors():

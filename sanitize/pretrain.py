@@ -27,9 +27,10 @@ risky one in its share of the epoch). Each optimizer step is one loss on one
 batch, so the CLIP loss keeps its full batch of negatives even when the safe set
 is small, and every pair is seen exactly once per epoch.
 
-Baselines: `defense="none"` trains the CLIP loss on every pair for every epoch (no warm-up phases, never splits); `defense="clip-score"`
-warms up, splits once with a fixed fraction/threshold and trains the CLIP loss on
-that safe set only (DataComp-style filtering).
+Baselines: `defense="none"` trains the CLIP loss on every pair for every epoch
+(no warm-up phases, never splits); `defense="clip-score"` warms up, splits once
+with a fixed fraction/threshold and trains the CLIP loss on that safe set only
+(DataComp-style filtering).
 
 Checkpoints: RUN/checkpoints/epoch_KKKK.pt after every phase-3 epoch (atomic,
 the newest `keep` kept). Resume restarts the interrupted epoch from the newest
@@ -346,24 +347,19 @@ class Phase3Step:
         from .losses import MAX_LOGIT_SCALE
 
         n = len(batch["key"])
-        if "image" in batch:  # plain CLIP: one forward of the pair as it is
-            out = self.net(batch["image"].to(self.device, non_blocking=True),
-                           batch["text"].to(self.device, non_blocking=True))
-            image, text, scale = out[0].float(), out[1].float(), out[2].float().clamp(max=MAX_LOGIT_SCALE)
-            if self.keep is not None:
-                image_np, text_np = image.detach().cpu().numpy(), text.detach().cpu().numpy()
-                for i, key in enumerate(batch["key"]):
-                    self.keep[key] = (image_np[i], text_np[i])
-            loss = _ddp_clip_loss(image, text, scale, self.ctx, self.local_loss)
-            return loss, {"loss_clip": loss.item()}
-        images = torch.cat([batch["image1"], batch["image2"]]).to(self.device, non_blocking=True)
-        texts = torch.cat([batch["text1"], batch["text2"]]).to(self.device, non_blocking=True)
-        out = self.net(images, texts)  # open_clip: normalised image, text features, exp(logit_scale)
+        plain = "image" in batch  # plain CLIP: the pair as it is, one forward; else two views
+        images = batch["image"] if plain else torch.cat([batch["image1"], batch["image2"]])
+        texts = batch["text"] if plain else torch.cat([batch["text1"], batch["text2"]])
+        out = self.net(images.to(self.device, non_blocking=True), texts.to(self.device, non_blocking=True))
+        # open_clip: normalised image, text features, exp(logit_scale)
         image, text, scale = out[0].float(), out[1].float(), out[2].float().clamp(max=MAX_LOGIT_SCALE)
         if self.keep is not None:
             image1, text1 = image[:n].detach().cpu().numpy(), text[:n].detach().cpu().numpy()
             for i, key in enumerate(batch["key"]):
                 self.keep[key] = (image1[i], text1[i])
+        if plain:
+            loss = _ddp_clip_loss(image, text, scale, self.ctx, self.local_loss)
+            return loss, {"loss_clip": loss.item()}
         if batch["loss"] == "clip":
             loss = 0.5 * (_ddp_clip_loss(image[:n], text[n:], scale, self.ctx, self.local_loss)
                           + _ddp_clip_loss(image[n:], text[:n], scale, self.ctx, self.local_loss))

@@ -196,7 +196,7 @@ def test_safeclip_trains_cross_views_unless_told_plain(full_run, pairs_dir, tmp_
 
 def test_warmup_from_must_match_the_run(full_run, pairs_dir, tmp_path):
     run_full, _ = full_run
-    other = ["--lr" if a == "--lr" else a for a in ARGS]
+    other = list(ARGS)
     other[other.index("--lr") + 1] = "1e-3"
     result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(tmp_path / "a"), *other,
                                  "--warmup-from", str(run_full / "warmup.pt")])
