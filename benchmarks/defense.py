@@ -38,6 +38,7 @@ DEFENSES = ("none", "safeclip", "safeclip-balanced", "clip-score")
 VARIANTS = ("safeclip-plain", "safeclip-sft")
 BACKDOOR_TARGET = "trouser"
 BACKDOOR_COUNT = 150  # 0.25% of 60k, as in the issue's BadNet setting
+DEFAULT_EPOCHS = 5  # the table's epochs; other counts are kept apart (cell_name, run folder)
 
 # How each attack is injected (poison command options after SRC --out DIR).
 ATTACK_OPTIONS = {
@@ -170,17 +171,45 @@ def safe_leaks(run_dir: Path, poisoned: Path) -> list[dict]:
     return out
 
 
+def cell_name(attack: str, defense: str, epochs: int) -> str:
+    """Results file stem: `badnet__safeclip`, or `badnet__safeclip__10_epochs` off the default."""
+    return f"{attack}__{defense}" + ("" if epochs == DEFAULT_EPOCHS else f"__{epochs}_epochs")
+
+
+def run_folder(work: Path, attack: str, defense: str, epochs: int) -> Path:
+    return work / "runs" / attack / (defense if epochs == DEFAULT_EPOCHS else f"{defense}-e{epochs}")
+
+
+def asr_by_epoch(run_dir: Path, data: Path, poisoned: Path, log: list[dict]) -> dict[str, dict]:
+    """Long runs keep every checkpoint; evaluate the attack after each one from epoch 3 on
+    (no probe; the first two are the warm-up's), so the cell shows when a backdoor takes,
+    or that it never does. The last epoch is the cell's own full eval."""
+    by_epoch = {}
+    for checkpoint in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[2:-1]:
+        epoch = int(checkpoint.stem.split("_")[1]) + 1  # epoch_0003.pt = after 4 epochs
+        out = run_dir / f"eval_{checkpoint.stem}.json"
+        args = ["eval", str(checkpoint), "--test", str(data / "test"), "--classes", "fashion-mnist",
+                "--poison-dir", str(poisoned), "--json", "--out", str(out)]
+        run(args, log, cached=out.exists() and out.stat().st_mtime > checkpoint.stat().st_mtime)
+        ev = json.loads(out.read_text())
+        by_epoch[str(epoch)] = {"zero_shot": ev["zero_shot"]["top1"],
+                                "backdoor": {r["attack"]: r["asr"] for r in ev.get("backdoor") or []},
+                                "targeted": (ev.get("targeted") or {}).get("success")}
+    return by_epoch
+
+
 def run_cell(work: Path, attack: str, defense: str, epochs: int) -> dict:
     log: list[dict] = []
     start = time.perf_counter()
     data = ensure_data(work, log)
     poisoned = ensure_poisoned(work, data, attack, log)
-    run_dir = work / "runs" / attack / defense
+    run_dir = run_folder(work, attack, defense, epochs)
+    long_run = epochs != DEFAULT_EPOCHS
     train = ["pretrain", str(poisoned), "--out", str(run_dir), "--preset", "cpu", "--epochs", str(epochs),
-             "--seed", "0", *DEFENSE_OPTIONS[defense]]
+             "--seed", "0", *DEFENSE_OPTIONS[defense], *(["--keep", str(epochs)] if long_run else [])]
     # The warm-up depends on the data and the preset only: the other warm-up defenses of
     # an attack take the safeclip cell's (identical) warm-up instead of training it again.
-    shared = work / "runs" / attack / "safeclip" / "warmup.pt"
+    shared = run_folder(work, attack, "safeclip", epochs) / "warmup.pt"
     shared_warmup = defense not in ("none", "safeclip") and shared.exists()
     if shared_warmup:
         train += ["--warmup-from", str(shared)]
@@ -204,6 +233,7 @@ def run_cell(work: Path, attack: str, defense: str, epochs: int) -> dict:
         run(evaluate, log, cached=True)
     else:
         run(evaluate, log)
+    by_epoch = asr_by_epoch(run_dir, data, poisoned, log) if long_run else None
     # Training time from the run's own per-epoch metrics, so it survives resumes and re-evaluations.
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     warmup_seconds = sum(r["seconds"] for r in records if r.get("stage") == "warmup")
@@ -217,9 +247,10 @@ def run_cell(work: Path, attack: str, defense: str, epochs: int) -> dict:
             "train_seconds_with_warmup": round(train_seconds + (warmup_seconds if shared_warmup else 0.0), 1),
             "similarity_histogram": similarity_histogram(run_dir, poisoned),
             "safe_leaks": safe_leaks(run_dir, poisoned),
+            "by_epoch": by_epoch,
             "eval": json.loads(result_json.read_text()),
             "machine": f"{os.cpu_count()} CPU cores", "load_after": os.getloadavg()}
-    out = work / "results" / f"{attack}__{defense}.json"
+    out = work / "results" / f"{cell_name(attack, defense, epochs)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(portable(json.dumps(cell, indent=2, default=str), work))
     return cell
@@ -237,14 +268,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="working folder (data, runs, cached results)")
     parser.add_argument("--cell", action="append", default=[], help="ATTACK:DEFENSE, repeatable; 'all:*' etc.")
-    parser.add_argument("--epochs", type=int, default=4, help="total epochs per run, equal for every defense")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                        help=f"total epochs per run, equal for every defense (default {DEFAULT_EPOCHS}; "
+                             "other counts get their own run folder and results file, keep every checkpoint "
+                             "and record attack success after each epoch)")
     parser.add_argument("--list", action="store_true", help="list the cells and which are done")
     parser.add_argument("--table", action="store_true", help="write docs/results.md from the cached cells")
     args = parser.parse_args()
     cells = [(a, d) for a in ATTACKS for d in DEFENSES + VARIANTS]
     if args.list:
         for attack, defense in cells:
-            done = (args.work / "results" / f"{attack}__{defense}.json").exists()
+            done = (args.work / "results" / f"{cell_name(attack, defense, args.epochs)}.json").exists()
             print(f"{'done' if done else '    '}  {attack}:{defense}")
         return
     for spec in args.cell:

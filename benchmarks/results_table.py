@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from defense import ATTACKS, DEFENSES, VARIANTS
+from defense import ATTACKS, DEFENSES, VARIANTS, cell_name
 
 ALL_DEFENSES = DEFENSES + VARIANTS
 
@@ -44,8 +44,9 @@ def train_time(cell: dict) -> str:
     return f"{minutes:.0f} min" + (" (incl. shared warm-up)" if cell.get("warmup_shared_from") else "")
 
 
-def target_checks(cells: dict) -> list[str]:
-    """The issue's targets, checked against every cell that can speak to them."""
+def target_checks(cells: dict, suffix: str = "") -> list[str]:
+    """The issue's targets, checked against every cell that can speak to them (each cell
+    against the undefended cell of the same attack and epochs)."""
     lines = []
     for (attack, defense), cell in sorted(cells.items(), key=lambda kv: (ATTACKS.index(kv[0][0]),
                                                                         ALL_DEFENSES.index(kv[0][1]))):
@@ -81,29 +82,74 @@ def target_checks(cells: dict) -> list[str]:
                 checks.append(f"zero-shot {gap:+.1f} pt vs none at {cell['epochs']} epochs, needs >= -1 pt: "
                               f"{'met' if gap >= -1.0 else 'MISSED'}")
         if checks:
-            lines.append(f"- **{attack} / {defense}**: " + "; ".join(checks) + ".")
+            lines.append(f"- **{attack} / {defense}{suffix}**: " + "; ".join(checks) + ".")
     return lines
 
 
-def detection_rows(cells: dict) -> list[str]:
+def detection_rows(cells: dict, suffix: str = "") -> list[str]:
     """Per attack (and caption noise) in every cell that split: where its pairs went."""
     rows = []
     for (attack, defense), cell in cells.items():
         det = cell["eval"].get("detection")
         for r in (det or {}).get("rows", []):
-            rows.append(f"| {attack} / {defense} | {r['name']} | {r['in_risky']}/{r['total']} | "
+            rows.append(f"| {attack} / {defense}{suffix} | {r['name']} | {r['in_risky']}/{r['total']} | "
                         f"{r['auroc']:.3f} | {_pct(r['poison_free_share'])} |")
     return rows
 
 
-def leak_rows(cells: dict) -> list[str]:
+def leak_rows(cells: dict, suffix: str = "") -> list[str]:
     """Per split of every cell: the non-clean pairs the safe set (the CLIP loss) held."""
     rows = []
     for (attack, defense), cell in cells.items():
         for split in cell.get("safe_leaks") or []:
             leaked = ", ".join(f"{kind} {n}" for kind, n in split["not_clean"].items()) or "none"
-            rows.append(f"| {attack} / {defense} | {split['split']} | {split['safe']:,} | {leaked} |")
+            rows.append(f"| {attack} / {defense}{suffix} | {split['split']} | {split['safe']:,} | {leaked} |")
     return rows
+
+
+def table_row(cell: dict, name: str) -> str:
+    ev = cell["eval"]
+    probe = (ev.get("linear_probe") or {}).get("accuracy")
+    return (f"| {cell['attack']} | {cell['defense']} | {_pct(ev['zero_shot']['top1'])} | {_pct(probe)} | "
+            f"{attack_success(cell)} | {detection(cell)} | {train_time(cell)} | [json](results/{name}.json) |")
+
+
+def long_runs(results: Path, docs: Path) -> tuple[dict[int, dict], list[str]]:
+    """Cells run with other epochs than the table's: their own rows, and attack success
+    after each epoch (a backdoor that needs more epochs to take shows it here)."""
+    by_epochs: dict[int, dict] = {}
+    for path in sorted(results.glob("*__*_epochs.json")):
+        cell = json.loads(path.read_text())
+        by_epochs.setdefault(cell["epochs"], {})[(cell["attack"], cell["defense"])] = cell
+        (docs / "results" / path.name).write_text(path.read_text())
+    if not by_epochs:
+        return by_epochs, []
+    lines = ["## Longer runs", "",
+             "The same cells with more epochs (`--epochs N`; every checkpoint kept, and the attack",
+             "evaluated after each epoch from the third on).", "",
+             "| attack | defense | epochs | zero-shot top-1 | linear probe | attack success | detection (first split) "
+             "| train time | cell |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    epoch_rows = []
+    for epochs, cells in sorted(by_epochs.items()):
+        for (attack, defense), cell in sorted(cells.items(), key=lambda kv: (ATTACKS.index(kv[0][0]),
+                                                                            ALL_DEFENSES.index(kv[0][1]))):
+            row = table_row(cell, cell_name(attack, defense, epochs))
+            lines.append(row.replace(f"| {defense} |", f"| {defense} | {epochs} |", 1))
+            for epoch, ev in sorted((cell.get("by_epoch") or {}).items(), key=lambda kv: int(kv[0])):
+                success = [f"{a} {_pct(v)}" for a, v in ev["backdoor"].items()]
+                if ev.get("targeted") is not None:
+                    success.insert(0, f"TDPA {ev['targeted']}")
+                epoch_rows.append(f"| {attack} / {defense} | {epoch} | {_pct(ev['zero_shot'])} | "
+                                  f"{'; '.join(success) or '–'} |")
+            final = cell["eval"]
+            success = [f"{r['attack']} {_pct(r['asr'])}" for r in final.get("backdoor") or []]
+            epoch_rows.append(f"| {attack} / {defense} | {epochs} | {_pct(final['zero_shot']['top1'])} | "
+                              f"{'; '.join(success) or '–'} |")
+    lines += ["", "| cell | after epoch | zero-shot top-1 | attack success |", "| --- | --- | --- | --- |",
+              *epoch_rows, ""]
+    for epochs, cells in sorted(by_epochs.items()):
+        lines += target_checks(cells, f" ({epochs} epochs)")
+    return by_epochs, lines + [""]
 
 
 def write_results(results: Path, docs: Path) -> None:
@@ -122,11 +168,10 @@ def write_results(results: Path, docs: Path) -> None:
             cell = json.loads(path.read_text())
             cells[(attack, defense)] = cell
             (docs / "results" / path.name).write_text(path.read_text())
-            ev = cell["eval"]
-            probe = (ev.get("linear_probe") or {}).get("accuracy")
-            rows.append(f"| {attack} | {defense} | {_pct(ev['zero_shot']['top1'])} | {_pct(probe)} | "
-                        f"{attack_success(cell)} | {detection(cell)} | {train_time(cell)} | "
-                        f"[json](results/{attack}__{defense}.json) |")
+            rows.append(table_row(cell, path.stem))
+    long_cells, long_lines = long_runs(results, docs)
+    long_detection = [r for e, c in sorted(long_cells.items()) for r in detection_rows(c, f" ({e} epochs)")]
+    long_leaks = [r for e, c in sorted(long_cells.items()) for r in leak_rows(c, f" ({e} epochs)")]
     lines = [
         "# Defense benchmark: captioned Fashion-MNIST",
         "",
@@ -170,18 +215,19 @@ def write_results(results: Path, docs: Path) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
+        *long_lines,
         *(["## Detection per attack at the first split", "",
            "Where each kind of pair went at the first split of a run (`safeclip eval --split`): in the",
            "risky set out of all, AUROC of `p_clean` against clean pairs, and the largest safe share that",
            "would still have held none of them.", "",
            "| cell | pairs | in risky | AUROC | poison-free up to |", "| --- | --- | --- | --- | --- |",
-           *detection_rows(cells), ""] if detection_rows(cells) else []),
+           *detection_rows(cells), *long_detection, ""] if detection_rows(cells) + long_detection else []),
         *(["## What each split let into the safe set", "",
            "The safe set is what the CLIP loss trains on, so these are the poisons a defended run",
            "actually learned from, split by split (label-consistent poisons carry true captions, so",
            "a similarity split cannot tell them from clean pairs; `noise` is the 3% caption noise).", "",
            "| cell | split | safe pairs | not clean, in the safe set |", "| --- | --- | --- | --- |",
-           *leak_rows(cells), ""] if leak_rows(cells) else []),
+           *leak_rows(cells), *long_leaks, ""] if leak_rows(cells) + long_leaks else []),
     ]
     notes = Path(__file__).with_name("results_notes.md")  # findings written by hand, kept with the table
     if notes.exists():
