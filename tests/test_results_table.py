@@ -1,0 +1,83 @@
+"""The benchmark's table logic (benchmarks/results_table.py) on hand-built cells: the
+issue's targets are called met or MISSED from the numbers, and longer runs get their
+own rows. No training here; the benchmark itself is not run in CI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from defense import cell_name, run_folder  # noqa: E402
+from results_table import long_runs, target_checks  # noqa: E402
+
+
+def make_cell(attack: str, defense: str, epochs: int, top1: float, asr: float, no_trigger: float = 0.002,
+              targeted: int | None = None, by_epoch: dict | None = None) -> dict:
+    ev = {"zero_shot": {"top1": top1}, "linear_probe": {"accuracy": top1},
+          "backdoor": [{"attack": "badnet", "asr": asr, "no_trigger": no_trigger}]}
+    if targeted is not None:
+        ev["targeted"] = {"success": targeted, "total": 16}
+    return {"attack": attack, "defense": defense, "epochs": epochs, "eval": ev, "train_seconds": 600.0,
+            "by_epoch": by_epoch}
+
+
+def test_cell_names_keep_other_epoch_counts_apart(tmp_path: Path) -> None:
+    assert cell_name("badnet", "safeclip", 5) == "badnet__safeclip"
+    assert cell_name("badnet", "safeclip", 10) == "badnet__safeclip__10_epochs"
+    assert run_folder(tmp_path, "badnet", "none", 5) == tmp_path / "runs" / "badnet" / "none"
+    assert run_folder(tmp_path, "badnet", "none", 10) == tmp_path / "runs" / "badnet" / "none-e10"
+
+
+def test_targets_met_and_missed_follow_the_numbers() -> None:
+    cells = {("all", "none"): make_cell("all", "none", 5, 0.874, asr=0.62, targeted=14),
+             ("all", "safeclip"): make_cell("all", "safeclip", 5, 0.760, asr=0.011, targeted=0)}
+    lines = "\n".join(target_checks(cells))
+    assert "targeted 14/16 flipped, needs >= 12: met" in lines
+    assert "BadNet ASR 62.0%, needs >= 80%: MISSED" in lines
+    assert "targeted 0/16, needs 0: met" in lines
+    # 1.1% against 0.2% without the trigger is 0.9 points: within 1 point
+    assert "(+0.9 pt), needs within 1 pt: met" in lines
+    assert "zero-shot -11.4 pt vs none at 5 epochs, needs >= -1 pt: MISSED" in lines
+
+    cells[("all", "safeclip")] = make_cell("all", "safeclip", 5, 0.870, asr=0.05, targeted=1)
+    lines = "\n".join(target_checks(cells))
+    assert "targeted 1/16, needs 0: MISSED" in lines
+    assert "(+4.8 pt), needs within 1 pt: MISSED" in lines
+    assert "zero-shot -0.4 pt vs none at 5 epochs, needs >= -1 pt: met" in lines
+
+
+def test_a_backdoor_that_did_not_take_is_said_to_show_nothing() -> None:
+    cells = {("badnet", "none"): make_cell("badnet", "none", 5, 0.879, asr=0.018),
+             ("badnet", "safeclip"): make_cell("badnet", "safeclip", 5, 0.80, asr=0.002)}
+    assert "this shows nothing" in "\n".join(target_checks(cells))
+
+
+def test_longer_runs_get_their_own_rows_and_per_epoch_success(tmp_path: Path) -> None:
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    (docs / "results").mkdir(parents=True)
+    by_epoch = {"4": {"zero_shot": 0.85, "backdoor": {"badnet": 0.267}, "targeted": None}}
+    for defense, asr in (("none", 0.965), ("safeclip", 0.001)):
+        cell = make_cell("badnet", defense, 10, 0.88, asr=asr, by_epoch=by_epoch)
+        (results / f"{cell_name('badnet', defense, 10)}.json").write_text(json.dumps(cell))
+    (results / "badnet__none.json").write_text(json.dumps(make_cell("badnet", "none", 5, 0.879, asr=0.018)))
+
+    cells, lines = long_runs(results, docs)
+    text = "\n".join(lines)
+    assert set(cells) == {10} and set(cells[10]) == {("badnet", "none"), ("badnet", "safeclip")}
+    assert "| badnet | none | 10 | 88.0% |" in text
+    assert "| badnet / none | 4 | 85.0% | badnet 26.7% |" in text
+    assert "| badnet / safeclip | 10 | 88.0% | badnet 0.1% |" in text
+    assert "**badnet / none (10 epochs)**: BadNet ASR 96.5%, needs >= 80%: met" in text
+    assert "badnet__none__10_epochs.json" in text
+    assert (docs / "results" / "badnet__safeclip__10_epochs.json").exists()
+    assert not (docs / "results" / "badnet__none.json").exists()  # the 5-epoch cell is the main table's
+
+
+def test_no_longer_runs_no_section(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    assert long_runs(tmp_path / "results", tmp_path / "docs") == ({}, [])
+
