@@ -11,6 +11,7 @@ verbatim in the cell's JSON so anyone can rerun it.
     python benchmarks/defense.py --work bench --cell badnet:none --cell badnet:safeclip
     python benchmarks/defense.py --work bench --cell 'all:*'      # the grid's defenses for one attack
     python benchmarks/defense.py --work bench --cell all:safeclip-plain   # an ablation, by name
+    python benchmarks/defense.py --work bench --cell badnet:safeclip --epochs 10  # a longer run
     python benchmarks/defense.py --work bench --table
 
 A cell whose run and eval are already in WORK is rebuilt from them without training
