@@ -186,8 +186,10 @@ def asr_by_epoch(run_dir: Path, data: Path, poisoned: Path, log: list[dict]) -> 
     (no probe; the first two are the warm-up's), so the cell shows when a backdoor takes,
     or that it never does. The last epoch is the cell's own full eval."""
     by_epoch = {}
-    for checkpoint in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[2:-1]:
+    for checkpoint in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[:-1]:
         epoch = int(checkpoint.stem.split("_")[1]) + 1  # epoch_0003.pt = after 4 epochs
+        if epoch < 3:  # (a run that adopted a warm-up has no checkpoints of its own before 3)
+            continue
         out = run_dir / f"eval_{checkpoint.stem}.json"
         args = ["eval", str(checkpoint), "--test", str(data / "test"), "--classes", "fashion-mnist",
                 "--poison-dir", str(poisoned), "--json", "--out", str(out)]
