@@ -107,10 +107,11 @@ def leak_rows(cells: dict, suffix: str = "") -> list[str]:
     return rows
 
 
-def table_row(cell: dict, name: str) -> str:
+def table_row(cell: dict, name: str, with_epochs: bool = False) -> str:
     ev = cell["eval"]
     probe = (ev.get("linear_probe") or {}).get("accuracy")
-    return (f"| {cell['attack']} | {cell['defense']} | {_pct(ev['zero_shot']['top1'])} | {_pct(probe)} | "
+    epochs = f" {cell['epochs']} |" if with_epochs else ""
+    return (f"| {cell['attack']} | {cell['defense']} |{epochs} {_pct(ev['zero_shot']['top1'])} | {_pct(probe)} | "
             f"{attack_success(cell)} | {detection(cell)} | {train_time(cell)} | [json](results/{name}.json) |")
 
 
@@ -133,8 +134,7 @@ def long_runs(results: Path, docs: Path) -> tuple[dict[int, dict], list[str]]:
     for epochs, cells in sorted(by_epochs.items()):
         for (attack, defense), cell in sorted(cells.items(), key=lambda kv: (ATTACKS.index(kv[0][0]),
                                                                             ALL_DEFENSES.index(kv[0][1]))):
-            row = table_row(cell, cell_name(attack, defense, epochs))
-            lines.append(row.replace(f"| {defense} |", f"| {defense} | {epochs} |", 1))
+            lines.append(table_row(cell, cell_name(attack, defense, epochs), with_epochs=True))
             for epoch, ev in sorted((cell.get("by_epoch") or {}).items(), key=lambda kv: int(kv[0])):
                 success = [f"{a} {_pct(v)}" for a, v in ev["backdoor"].items()]
                 if ev.get("targeted") is not None:
