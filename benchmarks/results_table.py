@@ -17,6 +17,11 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+def _points(gap: float) -> str:
+    """A signed gap in points for display; the checks compare the unrounded value."""
+    return f"{round(gap, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
+
+
 def attack_success(cell: dict) -> str:
     """Targeted: x/N flipped. Backdoors: ASR (no-trigger rate)."""
     ev = cell["eval"]
@@ -71,15 +76,15 @@ def target_checks(cells: dict, suffix: str = "") -> list[str]:
             base_rows = (base["eval"].get("backdoor") or []) if base else []
             base_asr = {r["attack"]: r["asr"] - r["no_trigger"] for r in base_rows}
             for row in backdoors:
-                gap = round(100 * (row["asr"] - row["no_trigger"]), 1) + 0.0  # no "-0.0"
+                gap = 100 * (row["asr"] - row["no_trigger"])
                 check = (f"{row['attack']} ASR {_pct(row['asr'])} vs no-trigger {_pct(row['no_trigger'])} "
-                         f"({gap:+.1f} pt), needs within 1 pt: {'met' if gap <= 1.0 else 'MISSED'}")
+                         f"({_points(gap)} pt), needs within 1 pt: {'met' if gap <= 1.0 else 'MISSED'}")
                 if row["attack"] in base_asr and base_asr[row["attack"]] < 0.10:
                     check += " (but the attack did not take without defense either, so this shows nothing)"
                 checks.append(check)
             if base is not None:
-                gap = round(100 * (ev["zero_shot"]["top1"] - base["eval"]["zero_shot"]["top1"]), 1) + 0.0
-                checks.append(f"zero-shot {gap:+.1f} pt vs none at {cell['epochs']} epochs, needs >= -1 pt: "
+                gap = 100 * (ev["zero_shot"]["top1"] - base["eval"]["zero_shot"]["top1"])
+                checks.append(f"zero-shot {_points(gap)} pt vs none at {cell['epochs']} epochs, needs >= -1 pt: "
                               f"{'met' if gap >= -1.0 else 'MISSED'}")
         if checks:
             lines.append(f"- **{attack} / {defense}{suffix}**: " + "; ".join(checks) + ".")

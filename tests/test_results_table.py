@@ -48,6 +48,13 @@ def test_targets_met_and_missed_follow_the_numbers() -> None:
     assert "(+4.8 pt), needs within 1 pt: MISSED" in lines
     assert "zero-shot -0.4 pt vs none at 5 epochs, needs >= -1 pt: met" in lines
 
+    # the checks use the unrounded gap: 1.04 points shows as +1.0 but is over the limit
+    cells[("all", "safeclip")] = make_cell("all", "safeclip", 5, 0.870, asr=0.0124, targeted=0)
+    assert "(+1.0 pt), needs within 1 pt: MISSED" in "\n".join(target_checks(cells))
+    # a hair under the no-trigger rate prints as +0.0, not -0.0
+    cells[("all", "safeclip")] = make_cell("all", "safeclip", 5, 0.870, asr=0.0019, targeted=0)
+    assert "(+0.0 pt), needs within 1 pt: met" in "\n".join(target_checks(cells))
+
 
 def test_a_backdoor_that_did_not_take_is_said_to_show_nothing() -> None:
     cells = {("badnet", "none"): make_cell("badnet", "none", 5, 0.879, asr=0.018),
