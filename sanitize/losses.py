@@ -73,11 +73,15 @@ class MemoryBank(torch.nn.Module):
         entries = entries.to(queries.dtype)
         best_score = torch.full((len(queries),), -float("inf"), device=queries.device)
         best_index = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
-        for start in range(0, len(entries), chunk):
-            scores, index = (queries.detach() @ entries[start: start + chunk].t()).max(dim=1)
-            better = scores > best_score
-            best_score = torch.where(better, scores, best_score)
-            best_index = torch.where(better, index + start, best_index)
+        # In fp32 even under bf16 autocast (the GPU default): similarities rounded to
+        # bf16's 3 digits tie, and the neighbour would depend on the precision.
+        with torch.autocast(device_type=queries.device.type, enabled=False):
+            for start in range(0, len(entries), chunk):
+                block = entries[start: start + chunk].float()
+                scores, index = (queries.detach().float() @ block.t()).max(dim=1)
+                better = scores > best_score
+                best_score = torch.where(better, scores, best_score)
+                best_index = torch.where(better, index + start, best_index)
         return entries[best_index].clone()
 
     @torch.no_grad()

@@ -87,6 +87,19 @@ def test_nearest_neighbour_is_the_max_inner_product_entry_in_any_chunking():
     assert torch.equal(bank.nearest(queries, chunk=3), got)
 
 
+def test_nearest_neighbour_is_exact_under_bf16_autocast():
+    # GPUs train under bf16 autocast by default; 0.9990 and 0.9995 are the same bf16
+    # number, so a bf16 product would tie and return the first entry.
+    bank = MemoryBank(2, 2)
+    entries = torch.tensor([[0.9990, 0.0], [0.9995, 0.0]])
+    bank.push(entries)
+    query = torch.tensor([[1.0, 0.0]])
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert (query @ entries.t()).dtype == torch.bfloat16  # the product autocast would take
+        got = bank.nearest(query)
+    assert torch.equal(got, entries[[1]])
+
+
 def test_empty_bank_returns_the_queries_themselves():
     bank = MemoryBank(8, 2)
     q = unit([1.0, 2.0], [3.0, 1.0]).float()
