@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import EpochBar, done, fail, user_errors, warn
+from .common import EpochBar, default_threads, done, fail, user_errors, warn
 
 PRESET_HELP = ("Fill in every option not given: 'paper' = the official SafeCLIP defaults (RN50, batch 128 per "
                "process, AdamW lr 5e-4 wd 0.1, 10k warm-up steps then cosine, 32 epochs = 5 unimodal + 1 CLIP "
@@ -67,7 +67,8 @@ def pretrain(
     eval_classes: str = typer.Option("fashion-mnist", help="Class names: built-in set, file or comma list."),
     workers: int = typer.Option(1, help="DataLoader workers per stream."),
     device: str = typer.Option("auto", help="auto, cpu, cuda."),
-    threads: int = typer.Option(0, help="torch CPU threads; 0 = one per core not used by workers."),
+    threads: int = typer.Option(0, help="torch CPU threads; 0 = $OMP_NUM_THREADS if set, else one per core "
+                                                     "not used by workers."),
     seed: int = typer.Option(0, help="Seed for model init, data order, augmentations and the mixture fit."),
     source_format: Optional[str] = typer.Option(None, "--format", help="Force the source format."),
     warmup_from: Optional[Path] = typer.Option(None, help="Take phases 1-2 from this finished warm-up "
@@ -138,8 +139,7 @@ def pretrain(
         fail(problem)
     barrier(ctx)
     if threads == 0:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        threads = max(1, ((os.cpu_count() or 1) // per_node) - workers)
+        threads = default_threads(workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
     from sanitize.pretrain import Hooks

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .common import EpochBar, done, fail, user_errors, warn
+from .common import EpochBar, default_threads, done, fail, user_errors, warn
 
 
 def warmup(
@@ -35,8 +34,9 @@ def warmup(
     workers: int = typer.Option(1, help="DataLoader worker processes (decode + augment); 0 and 1 give "
                                         "identical batches."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    threads: int = typer.Option(0, help="torch CPU threads for the training process; 0 = one per core "
-                                        "not used by --workers. Fewer than the cores is faster on a busy machine."),
+    threads: int = typer.Option(0, help="torch CPU threads for the training process; 0 = $OMP_NUM_THREADS "
+                                        "if set, else one per core not used by --workers. Fewer than the "
+                                        "cores is faster on a busy machine."),
     seed: int = typer.Option(0, help="Seed for model init, data order and augmentations."),
     source_format: Optional[str] = typer.Option(None, "--format", help="Force the source format "
                                                                       "(webdataset, parquet, csv, folder)."),
@@ -68,7 +68,7 @@ def warmup(
     if max_steps is not None and max_steps < 1:
         fail("--max-steps must be >= 1")
     if threads == 0:
-        threads = max(1, (os.cpu_count() or 1) - workers)
+        threads = default_threads(workers)
     if resume and not out.exists():
         fail(f"{out}: nothing to resume (no checkpoint there yet)")
     if out.parent and not out.parent.exists():
