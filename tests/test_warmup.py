@@ -139,3 +139,16 @@ def test_training_batches_cover_every_pair_once_per_epoch_across_workers_and_ran
                          world_size=2) for r in (0, 1)]
     rank_keys = [set(epoch_keys(d, 0, 0)) for d in ranks]
     assert rank_keys[0].isdisjoint(rank_keys[1]) and sorted(rank_keys[0] | rank_keys[1]) == all_keys
+
+
+def test_default_threads_take_omp_num_threads_when_set(monkeypatch):
+    from cli.common import default_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert default_threads(workers=1) == 15  # one per core not used by the worker
+    assert default_threads(workers=1, processes_per_node=4) == 3  # torchrun: 4 ranks share 16 cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # several jobs sharing the machine
+    assert default_threads(workers=1) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")  # not a thread count: ignored
+    assert default_threads(workers=0) == 16
