@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from defense import cell_name, run_folder  # noqa: E402
-from results_table import long_runs, target_checks  # noqa: E402
+from results_table import attack_did_not_take, long_runs, target_checks, train_time  # noqa: E402
 
 
 def make_cell(attack: str, defense: str, epochs: int, top1: float, asr: float, no_trigger: float = 0.002,
@@ -88,3 +88,19 @@ def test_no_longer_runs_no_section(tmp_path: Path) -> None:
     (tmp_path / "results").mkdir()
     assert long_runs(tmp_path / "results", tmp_path / "docs") == ({}, [])
 
+
+
+def test_gpu_cells_name_their_gpu_in_the_train_time() -> None:
+    cpu = make_cell("wanet", "none", 5, 0.879, asr=0.003)
+    cpu["machine"] = "2 CPU cores"
+    gpu = dict(cpu, machine="16 CPU cores, NVIDIA H200", train_seconds=103.5)
+    assert train_time(cpu) == "10 min"
+    assert train_time(gpu) == "2 min on an H200"
+
+
+def test_defenses_of_an_attack_that_did_not_take_are_marked_not_needed() -> None:
+    assert attack_did_not_take(make_cell("wanet", "none", 5, 0.879, asr=0.003, no_trigger=0.001))
+    assert not attack_did_not_take(make_cell("blended", "none", 5, 0.879, asr=0.653))
+    assert not attack_did_not_take(None)  # nothing known yet: just "not run"
+    # targeted poisoning is judged by its own count, never called "did not take" here
+    assert not attack_did_not_take(make_cell("all", "none", 5, 0.87, asr=0.003, targeted=14))
