@@ -330,6 +330,7 @@ def _figure(cells: dict, path: Path) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(attacks))], attacks, rotation=20)
         ax.set_title(title)
         ax.set_ylim(0, 100)
-    axes[0].legend()
-    fig.tight_layout()
+    # below the panels: inside, it hid the tallest bars
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(ALL_DEFENSES), fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
