@@ -210,6 +210,12 @@ def asr_by_epoch(run_dir: Path, data: Path, poisoned: Path, log: list[dict],
     return by_epoch
 
 
+def shares_warmup(defense: str) -> bool:
+    """Defenses that take their attack's safeclip warm-up (`--warmup-from`) instead of
+    training their own: every warm-up defense but safeclip itself."""
+    return defense not in ("none", "safeclip")
+
+
 def warmup_finished(checkpoint: Path) -> bool:
     """Whether a run's warm-up is complete: its stats file, written once the warm-up
     loop ends, says finished (the checkpoint itself is rewritten after every epoch)."""
@@ -237,7 +243,7 @@ def run_cell(work: Path, attack: str, defense: str, epochs: int, output: TextIO 
     # The warm-up depends on the data and the preset only: the other warm-up defenses of
     # an attack take the safeclip cell's (identical) warm-up instead of training it again.
     shared = run_folder(work, attack, "safeclip", epochs) / "warmup.pt"
-    shared_warmup = defense not in ("none", "safeclip") and warmup_finished(shared)
+    shared_warmup = shares_warmup(defense) and warmup_finished(shared)
     if shared_warmup:
         train += ["--warmup-from", str(shared)]
     if (run_dir / "pretrain_stats.json").exists():  # finished earlier: evaluate again only
@@ -296,7 +302,7 @@ def warmup_provider(cell: tuple[str, str], batch: list[tuple[str, str]]) -> tupl
     batch: the safeclip cell of the same attack, for the other warm-up defenses."""
     attack, defense = cell
     provider = (attack, "safeclip")
-    return provider if defense not in ("none", "safeclip") and provider in batch else None
+    return provider if shares_warmup(defense) and provider in batch else None
 
 
 def run_parallel(work: Path, cells: list[tuple[str, str]], epochs: int, jobs: int,

@@ -11,6 +11,8 @@ from pathlib import Path
 from defense import ATTACKS, DEFENSES, VARIANTS, cell_name
 
 ALL_DEFENSES = DEFENSES + VARIANTS
+# An attack "took" when its ASR is at least this far above the no-trigger rate.
+TOOK = 0.10
 
 
 def _pct(value: float | None) -> str:
@@ -58,12 +60,12 @@ def train_time(cell: dict) -> str:
 
 
 def attack_did_not_take(cell: dict | None) -> bool:
-    """An undefended cell whose attacks all stayed within 10 points of chance: defending
-    against it would show nothing, so its row's defenses need not run."""
+    """An undefended cell whose attacks all stayed below TOOK above the no-trigger rate:
+    defending against it would show nothing, so its row's defenses need not run."""
     if cell is None or cell["eval"].get("targeted"):
         return False
     rows = cell["eval"].get("backdoor") or []
-    return bool(rows) and all(r["asr"] - r["no_trigger"] < 0.10 for r in rows)
+    return bool(rows) and all(r["asr"] - r["no_trigger"] < TOOK for r in rows)
 
 
 def target_checks(cells: dict, suffix: str = "") -> list[str]:
@@ -96,7 +98,7 @@ def target_checks(cells: dict, suffix: str = "") -> list[str]:
                 gap = 100 * (row["asr"] - row["no_trigger"])
                 check = (f"{row['attack']} ASR {_pct(row['asr'])} vs no-trigger {_pct(row['no_trigger'])} "
                          f"({_points(gap)} pt), needs within 1 pt: {'met' if gap <= 1.0 else 'MISSED'}")
-                if row["attack"] in base_asr and base_asr[row["attack"]] < 0.10:
+                if row["attack"] in base_asr and base_asr[row["attack"]] < TOOK:
                     check += " (but the attack did not take without defense either, so this shows nothing)"
                 checks.append(check)
             if base is not None:

@@ -68,7 +68,7 @@ def pretrain(
     workers: int = typer.Option(1, help="DataLoader workers per stream."),
     device: str = typer.Option("auto", help="auto, cpu, cuda."),
     threads: int = typer.Option(0, help="torch CPU threads; 0 = $OMP_NUM_THREADS if set, else one per core "
-                                                     "not used by workers."),
+                                        "not used by workers."),
     seed: int = typer.Option(0, help="Seed for model init, data order, augmentations and the mixture fit."),
     source_format: Optional[str] = typer.Option(None, "--format", help="Force the source format."),
     warmup_from: Optional[Path] = typer.Option(None, help="Take phases 1-2 from this finished warm-up "

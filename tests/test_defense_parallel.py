@@ -71,7 +71,16 @@ def fake_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
         return {"eval": {"zero_shot": {"top1": 0.5}}}
 
     monkeypatch.setattr(defense, "run_cell", fake_run_cell)
-    monkeypatch.setattr(defense.time, "sleep", lambda s, real=time.sleep: real(min(s, 0.02)))
+    real_sleep, polls = time.sleep, []
+
+    def short_sleep(seconds: float) -> None:
+        # A cell left waiting forever must fail the test, not hang it (and CI with it).
+        polls.append(seconds)
+        if len(polls) > 1000:
+            raise RuntimeError("a cell is still waiting for a warm-up after 1000 polls")
+        real_sleep(min(seconds, 0.02))
+
+    monkeypatch.setattr(defense.time, "sleep", short_sleep)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     return record
 
