@@ -29,10 +29,10 @@ import torch
 
 def fake_warmup(run: Path, config) -> None:
     """A finished warm-up checkpoint of the seeded, untrained model (timing only)."""
-    from sanitize.checkpoint import rng_state, save_checkpoint
-    from sanitize.losses import MemoryBank
-    from sanitize.models import create_model
-    from sanitize.optim import make_optimizer
+    from sanitize.models.checkpoint import rng_state, save_checkpoint
+    from sanitize.train.losses import MemoryBank
+    from sanitize.models.factory import create_model
+    from sanitize.train.optim import make_optimizer
 
     w = config.warmup
     torch.manual_seed(w.seed)
@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
-    from sanitize.pretrain import PRESETS, PretrainConfig, run_pretrain
-    from sanitize.warmup import WarmupConfig
+    from sanitize.stages.pretrain import PRESETS, PretrainConfig, run_pretrain
+    from sanitize.stages.warmup import WarmupConfig
 
     preset = PRESETS["cpu"]
     wcfg = WarmupConfig(model=preset["model"], unimodal_epochs=1, clip_epochs=1, batch_size=args.batch_size,

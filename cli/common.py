@@ -46,7 +46,7 @@ def done(message: str) -> None:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn expected errors (bad input, bad config) into one-line messages."""
-    from sanitize.pairs import SourceError
+    from sanitize.io.pairs import SourceError
 
     try:
         yield

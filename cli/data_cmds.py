@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         train keys are the Fashion-MNIST index (000001234), test keys are prefixed
         (test-000001234). Metadata keeps the true class (label, class_name).
         """
-        from sanitize.fashion_mnist import build
+        from sanitize.io.fashion_mnist import build
 
         with user_errors():
             stats = build(out, source, noise=noise, seed=seed, train_size=train_size, test_size=test_size,

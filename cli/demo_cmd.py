@@ -23,7 +23,7 @@ def demo(
     the shipped small model, embeds every pair, splits safe/risky with SafeCLIP's rule and reports
     how many injected poisons landed in the risky set, as this run measured it.
     """
-    from sanitize.demo import DemoConfig, run_demo
+    from sanitize.stages.demo import DemoConfig, run_demo
 
     config = DemoConfig(out=str(out), seed=seed, unimodal_epochs=unimodal_epochs, clip_epochs=clip_epochs,
                         workers=workers)

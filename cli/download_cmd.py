@@ -38,7 +38,7 @@ def download(
                                                         "(repeatable), e.g. --extra min_image_size=64."),
 ) -> None:
     """Download images and captions with img2dataset, then check they read back as pairs."""
-    from sanitize.download import (DownloadError, DownloadOptions, STATS_PATH, download as run_download,
+    from sanitize.io.download import (DownloadError, DownloadOptions, STATS_PATH, download as run_download,
                                    parse_extra, resolve_options)
 
     with user_errors():

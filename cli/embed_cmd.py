@@ -31,10 +31,10 @@ def embed(
     """
     import torch
 
-    from sanitize.augment import eval_transform, train_transform
-    from sanitize.checkpoint import load_checkpoint
-    from sanitize.embed import distributed_context, embed_source, write_manifest
-    from sanitize.pairs import CsvOptions, open_pairs
+    from sanitize.train.augment import eval_transform, train_transform
+    from sanitize.models.checkpoint import load_checkpoint
+    from sanitize.stages.embed import distributed_context, embed_source, write_manifest
+    from sanitize.io.pairs import CsvOptions, open_pairs
 
     with user_errors():
         pair_source = open_pairs(source, format=format,

@@ -137,9 +137,9 @@ def eval_cmd(
     """Evaluate a checkpoint (see HELP)."""
     import torch
 
-    from sanitize.evaluate import EvalConfig, evaluate, manifest_path
-    from sanitize.shards import atomic_write_json
-    from sanitize.templates import load_classes, load_templates
+    from sanitize.evaluation.evaluate import EvalConfig, evaluate, manifest_path
+    from sanitize.io.shards import atomic_write_json
+    from sanitize.evaluation.templates import load_classes, load_templates
 
     with user_errors():
         if out is not None and (out.is_dir() or not out.parent.is_dir()):

@@ -23,8 +23,8 @@ def export(
     python -m open_clip_train.main --train-data 'OUT/{00000..NNNNN}.tar' --dataset-type webdataset
     (OUT/sizes.json gives the dataset size).
     """
-    from sanitize.export import export_partition
-    from sanitize.pairs import open_pairs
+    from sanitize.stages.export import export_partition
+    from sanitize.io.pairs import open_pairs
 
     with user_errors():
         pair_source = open_pairs(source, format=format) if source else None

@@ -26,7 +26,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead."),
 ) -> None:
     """Count the readable pairs of a source, list skipped ones by reason, show the first pairs."""
-    from sanitize.pairs import CsvOptions, open_pairs
+    from sanitize.io.pairs import CsvOptions, open_pairs
 
     with user_errors():
         src = open_pairs(source, format=format,

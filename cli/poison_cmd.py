@@ -50,8 +50,8 @@ def register(app: typer.Typer) -> None:
         trigger) and poison.json. For several attacks at once, run poison again on
         OUT: the manifest is kept and extended.
         """
-        from sanitize import triggers
-        from sanitize.poison import PoisonConfig, poison
+        from sanitize.attacks import triggers
+        from sanitize.attacks.poison import PoisonConfig, poison
 
         with user_errors():
             kind = trigger if attack == "label-consistent" else attack

@@ -85,9 +85,9 @@ def pretrain(
     interleaved in proportion). Runs under torchrun (DDP; gloo on CPU, NCCL on GPU)."""
     import torch
 
-    from sanitize.distributed import init
-    from sanitize.pretrain import PretrainConfig, apply_preset, run_pretrain
-    from sanitize.warmup import WarmupConfig
+    from sanitize.train.distributed import init
+    from sanitize.stages.pretrain import PretrainConfig, apply_preset, run_pretrain
+    from sanitize.stages.warmup import WarmupConfig
 
     given = {k: v for k, v in dict(model=model, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                    warmup_steps=warmup_steps, epochs=epochs, unimodal_epochs=unimodal_epochs,
@@ -120,7 +120,7 @@ def pretrain(
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda, but no CUDA device is available")
 
-    from sanitize.distributed import barrier, broadcast_object
+    from sanitize.train.distributed import barrier, broadcast_object
 
     ctx = init(device)
     problem = None
@@ -142,7 +142,7 @@ def pretrain(
         threads = default_threads(workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-    from sanitize.pretrain import Hooks
+    from sanitize.stages.pretrain import Hooks
 
     with user_errors(), EpochBar() as bar:
         bar.progress.disable = bar.progress.disable or not ctx.is_main

@@ -68,7 +68,7 @@ def query(
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from sanitize.query import QueryError, connect, fetch, one_line, run_query
+    from sanitize.stages.query import QueryError, connect, fetch, one_line, run_query
 
     fmt = format or (out.suffix.lstrip(".").lower() if out and out.suffix.lstrip(".").lower() in FORMATS
                      else "table")

@@ -27,8 +27,8 @@ def report(
     truth: str = typer.Option(None, "--truth", help="Poison manifest (default: manifest.parquet beside the source)."),
 ) -> None:
     """Write one self-contained HTML report of a split (help text: HELP)."""
-    from sanitize.report import build_report
-    from sanitize.shards import atomic_write_bytes
+    from sanitize.stages.report import build_report
+    from sanitize.io.shards import atomic_write_bytes
 
     if out.suffix.lower() not in (".html", ".htm"):
         fail(f"{out}: the report is HTML; give a .html file name")

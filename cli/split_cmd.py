@@ -54,7 +54,7 @@ def split(
     force: bool = typer.Option(False, "--force", help="Replace an existing split in OUT."),
 ) -> None:
     """Split embedded pairs into safe and risky partitions (help text: HELP)."""
-    from sanitize.split import split as run_split
+    from sanitize.stages.split import split as run_split
 
     with user_errors():
         options = {name: value for name, value in (("clusters", clusters), ("cluster_on", cluster_on),

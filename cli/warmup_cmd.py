@@ -51,8 +51,8 @@ def warmup(
     """SafeCLIP warm-up: unimodal contrastive epochs, then low-learning-rate CLIP epochs."""
     import torch
 
-    from sanitize.pairs import CsvOptions
-    from sanitize.warmup import WarmupConfig, run_warmup
+    from sanitize.io.pairs import CsvOptions
+    from sanitize.stages.warmup import WarmupConfig, run_warmup
 
     if out.exists() and not (resume or overwrite):
         fail(f"{out} exists; pass --resume to continue it or --overwrite to start again")
@@ -96,7 +96,7 @@ def warmup(
 
 def _warn_ignored_options(out: Path, config) -> None:
     """A resumed run replays its saved settings; say which options given now differ."""
-    from sanitize.checkpoint import read_checkpoint
+    from sanitize.models.checkpoint import read_checkpoint
 
     saved = read_checkpoint(out)["training_state"].get("warmup_config", {})
     given = config.to_dict()

@@ -38,8 +38,8 @@ def write_class_pairs(out_dir, n: int, samples_per_shard: int, seed: int = 0) ->
     """`n` labelled pairs (PNG) in img2dataset layout, captions naming the class."""
     import io
 
-    from sanitize.pairs import Pair
-    from sanitize.shards import write_pairs
+    from sanitize.io.pairs import Pair
+    from sanitize.io.shards import write_pairs
 
     rng = np.random.default_rng(seed)
     pairs = []
@@ -65,8 +65,8 @@ def class_pairs_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """An untrained checkpoint of the shipped small model (seeded)."""
-    from sanitize.checkpoint import save_checkpoint
-    from sanitize.models import create_model
+    from sanitize.models.checkpoint import save_checkpoint
+    from sanitize.models.factory import create_model
 
     torch.manual_seed(0)
     model, _tokenizer, _size, config = create_model("safeclip-tiny-vit")
@@ -79,9 +79,9 @@ def write_sample_subset(out_dir, n: int, samples_per_shard: int) -> None:
     """The first `n` pairs of the bundled Fashion-MNIST sample, as shards in `out_dir`."""
     import itertools
 
-    from sanitize.fashion_mnist import sample_path
-    from sanitize.pairs import open_pairs
-    from sanitize.shards import write_pairs
+    from sanitize.io.fashion_mnist import sample_path
+    from sanitize.io.pairs import open_pairs
+    from sanitize.io.shards import write_pairs
 
     source = open_pairs(str(sample_path() / "train"))
     assert write_pairs(itertools.islice(source, n), out_dir, samples_per_shard=samples_per_shard) == n

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from sanitize.pairs import Pair
+from sanitize.io.pairs import Pair
 
 
 def make_image(seed: int = 0, size: int = 28, mode: str = "RGB") -> Image.Image:

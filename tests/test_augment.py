@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sanitize.augment import EDA, EDA_OPS, ImageViews, WordNet, eval_transform, train_transform
+from sanitize.train.augment import EDA, EDA_OPS, ImageViews, WordNet, eval_transform, train_transform
 
 HEADER = "  1 This is a licence header line that sorts before every lemma  \n  2 second line  \n"
 

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from helpers import encode, make_image, make_pairs
-from sanitize.pairs import CsvOptions, SourceError, open_pairs
-from sanitize.shards import write_pairs
+from sanitize.io.pairs import CsvOptions, SourceError, open_pairs
+from sanitize.io.shards import write_pairs
 
 
 def _cli(*args: str):

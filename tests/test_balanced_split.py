@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-import sanitize.balance as balance
+import sanitize.defenses.balance as balance
 from cli.main import app
 from emb_synth import mixture_similarities, write_emb
-from sanitize.balance import BalanceOptions, balanced_order, cluster_quotas, vectors_to_numpy
-from sanitize.split import round_count, split
+from sanitize.defenses.balance import BalanceOptions, balanced_order, cluster_quotas, vectors_to_numpy
+from sanitize.stages.split import round_count, split
 
 GROUPS = 4
 # Clean-pair similarity per group: group 0 is the "easy" concept, group 3 the "hard" one.

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sanitize.checkpoint import (CheckpointError, load_checkpoint, read_checkpoint, rng_state, save_checkpoint,
+from sanitize.models.checkpoint import (CheckpointError, load_checkpoint, read_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
-from sanitize.models import create_model
+from sanitize.models.factory import create_model
 
 
 @pytest.fixture(scope="module")

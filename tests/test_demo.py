@@ -7,7 +7,7 @@ import re
 from typer.testing import CliRunner
 
 from cli.main import app
-from sanitize.query import connect
+from sanitize.stages.query import connect
 
 runner = CliRunner()
 

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from helpers import make_image, serve_dir
-from sanitize.download import (INSTALL_HINT, STATS_PATH, DownloadError, DownloadOptions, download,
+from sanitize.io.download import (INSTALL_HINT, STATS_PATH, DownloadError, DownloadOptions, download,
                                img2dataset_arguments, parse_extra, resolve_options)
-from sanitize.pairs import SourceError, open_pairs
+from sanitize.io.pairs import SourceError, open_pairs
 
 
 def _cli(*args: str):

@@ -16,11 +16,11 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from sanitize.augment import eval_transform
-from sanitize.checkpoint import load_checkpoint
-from sanitize.embed import embed_source, read_manifest
-from sanitize.models import encode_pairs
-from sanitize.pairs import open_pairs
+from sanitize.train.augment import eval_transform
+from sanitize.models.checkpoint import load_checkpoint
+from sanitize.stages.embed import embed_source, read_manifest
+from sanitize.models.factory import encode_pairs
+from sanitize.io.pairs import open_pairs
 
 runner = CliRunner()
 

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from helpers import make_pairs
-from sanitize.fashion_mnist import FASHION_MNIST_CLASSES, sample_path
-from sanitize.pairs import open_pairs
-from sanitize.shards import write_pairs
-from sanitize.templates import DEFAULT_TEMPLATES, FASHION_MNIST_PROMPT_NAMES
-from sanitize.triggers import badnet_spec, blended_spec, trigger_from_spec
+from sanitize.io.fashion_mnist import FASHION_MNIST_CLASSES, sample_path
+from sanitize.io.pairs import open_pairs
+from sanitize.io.shards import write_pairs
+from sanitize.evaluation.templates import DEFAULT_TEMPLATES, FASHION_MNIST_PROMPT_NAMES
+from sanitize.attacks.triggers import badnet_spec, blended_spec, trigger_from_spec
 
 N_TEST, N_TRAIN = 120, 120
 BADNET = badnet_spec(size=4, position="top-left")
@@ -84,7 +84,7 @@ def _reference_predictions(checkpoint, pairs, change=None) -> np.ndarray:
     """Zero-shot predictions computed here, straight from open_clip's pieces."""
     import open_clip
 
-    from sanitize.checkpoint import load_checkpoint
+    from sanitize.models.checkpoint import load_checkpoint
 
     model, tokenizer, size, _config, _state = load_checkpoint(str(checkpoint))
     model.eval()

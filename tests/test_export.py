@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from cli.main import app
-from sanitize.pairs import open_pairs
+from sanitize.io.pairs import open_pairs
 
 runner = CliRunner()
 
@@ -49,7 +49,7 @@ def test_risky_partition_and_missing_keys_are_reported(class_pairs_dir, tiny_che
     part = _embed_and_split(class_pairs_dir, tiny_checkpoint, tmp_path)
     # Export from a source lacking some keys: the run says so and exits non-zero.
     partial = tmp_path / "partial"
-    from sanitize.shards import write_pairs
+    from sanitize.io.shards import write_pairs
 
     write_pairs([p for p in open_pairs(str(class_pairs_dir)) if int(p.key) < 60], partial)
     result = runner.invoke(app, ["export", str(part), "--partition", "risky", "--out", str(tmp_path / "r"),

@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from sanitize import fashion_mnist as fm
-from sanitize.pairs import open_pairs
+from sanitize.io import fashion_mnist as fm
+from sanitize.io.pairs import open_pairs
 
 DEBIAN = Path(fm.DEBIAN_DIR)
 HAVE_DEBIAN = (DEBIAN / "train-images-idx3-ubyte.gz").exists()
@@ -170,7 +170,7 @@ def test_bundled_sample_matches_its_regeneration_command(tmp_path: Path) -> None
         fresh, shipped = read_all(tmp_path / "sample" / split), read_all(fm.sample_path() / split)
         assert [(p.key, p.caption, p.image_bytes, p.meta) for p in fresh] == \
             [(p.key, p.caption, p.image_bytes, p.meta) for p in shipped], \
-            "bundled sample is stale: python -m sanitize.fashion_mnist --write-sample"
+            "bundled sample is stale: python -m sanitize.io.fashion_mnist --write-sample"
 
 
 @pytest.mark.skipif(not HAVE_DEBIAN, reason="needs Debian's dataset-fashion-mnist")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.mixture import GaussianMixture
 
-from sanitize.gmm import clean_posterior, density, fit_mixture
+from sanitize.defenses.gmm import clean_posterior, density, fit_mixture
 
 
 def _bimodal(n: int, seed: int, wide_clean: bool = False) -> np.ndarray:
@@ -43,7 +43,7 @@ def test_posterior_is_stable_in_the_tails_and_chunked():
     x = np.linspace(-1, 1, 10001)
     p = clean_posterior(x, m)
     assert np.all(np.isfinite(p)) and p.min() >= 0 and p.max() <= 1
-    from sanitize.gmm import clean_log_odds
+    from sanitize.defenses.gmm import clean_log_odds
     np.testing.assert_array_equal(clean_log_odds(x, m, chunk=7), clean_log_odds(x, m))
 
 

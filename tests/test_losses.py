@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sanitize.losses import (MAX_LOGIT_SCALE, MemoryBank, clamp_logit_scale_, clip_loss, cross_clip_loss,
+from sanitize.train.losses import (MAX_LOGIT_SCALE, MemoryBank, clamp_logit_scale_, clip_loss, cross_clip_loss,
                              info_nce, unimodal_loss)
 
 

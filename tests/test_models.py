@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sanitize.models import DEFAULT_MODEL, create_model, encode_pairs, resolve_config, shipped_models
+from sanitize.models.factory import DEFAULT_MODEL, create_model, encode_pairs, resolve_config, shipped_models
 
 
 def test_shipped_tiny_model_encodes_normalised_pairs():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sanitize.models import create_model
-from sanitize.optim import lr_at, make_optimizer, param_groups
+from sanitize.models.factory import create_model
+from sanitize.train.optim import lr_at, make_optimizer, param_groups
 
 
 def test_warmup_rises_linearly_to_base_lr():

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sanitize.pairs import CsvOptions, Skips, open_pairs, safe_key
-from sanitize.shards import SIDECAR_COLUMNS, write_pairs
+from sanitize.io.pairs import CsvOptions, Skips, open_pairs, safe_key
+from sanitize.io.shards import SIDECAR_COLUMNS, write_pairs
 from helpers import make_image, make_pairs, pixels, run_img2dataset, serve_dir, write_served_images
 
 # url-list rows: (served file, caption); one 404, one undecodable file, one empty caption.

@@ -12,11 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from sanitize import triggers as t
-from sanitize.fashion_mnist import sample_path
-from sanitize.pairs import open_pairs
-from sanitize.poison import PoisonConfig, mentions, poison
-from sanitize.shards import write_pairs
+from sanitize.attacks import triggers as t
+from sanitize.io.fashion_mnist import sample_path
+from sanitize.io.pairs import open_pairs
+from sanitize.attacks.poison import PoisonConfig, mentions, poison
+from sanitize.io.shards import write_pairs
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,7 @@ def test_all_phases_write_checkpoints_splits_and_metrics(full_run):
 
 
 def test_safe_ratio_follows_the_schedule(full_run):
-    from sanitize.split import round_count
+    from sanitize.stages.split import round_count
 
     run, _ = full_run
     first = json.loads((run / "splits" / "epoch=2" / "split.json").read_text())
@@ -92,7 +92,7 @@ def test_safe_ratio_follows_the_schedule(full_run):
 
 def test_resume_after_kill_matches_uninterrupted(full_run, pairs_dir, tmp_path, monkeypatch):
     """Kill the run in the middle of the last epoch, resume: same weights, same metrics."""
-    import sanitize.pretrain as pretrain_mod
+    import sanitize.stages.pretrain as pretrain_mod
 
     run_full, _ = full_run
     run = tmp_path / "run"
@@ -129,7 +129,7 @@ def test_resume_after_kill_matches_uninterrupted(full_run, pairs_dir, tmp_path, 
 
 def record_batch_kinds(monkeypatch) -> list[str]:
     """Which kind of batch every phase-3 step trained on: plain pairs or two views."""
-    import sanitize.pretrain as pretrain_mod
+    import sanitize.stages.pretrain as pretrain_mod
 
     seen: list[str] = []
     original = pretrain_mod.Phase3Step.__call__
@@ -143,12 +143,12 @@ def record_batch_kinds(monkeypatch) -> list[str]:
 
 
 def test_defense_none_never_splits(pairs_dir, tmp_path, monkeypatch):
-    import sanitize.split
+    import sanitize.stages.split
 
     def no_split(*args, **kwargs):
         raise AssertionError("--defense none must not split")
 
-    monkeypatch.setattr(sanitize.split, "split", no_split)
+    monkeypatch.setattr(sanitize.stages.split, "split", no_split)
     seen = record_batch_kinds(monkeypatch)
     run = tmp_path / "run"
     result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), "--defense", "none",
@@ -256,7 +256,7 @@ def test_missing_source_fails_before_creating_the_run(tmp_path):
 
 
 def test_interleave_plan_spreads_safe_batches():
-    from sanitize.pretrain import interleave_plan
+    from sanitize.stages.pretrain import interleave_plan
 
     plan = interleave_plan(2, 6)
     assert plan.count("clip") == 2 and plan.count("unimodal") == 6
@@ -265,7 +265,7 @@ def test_interleave_plan_spreads_safe_batches():
 
 
 def test_torchrun_two_processes_split_equals_single_process(pairs_dir, tmp_path):
-    from sanitize.split import split
+    from sanitize.stages.split import split
 
     run = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -1,4 +1,4 @@
-"""`safeclip query` / `sanitize.query.connect`: every view, joins, formats, read-only, errors."""
+"""`safeclip query` / `sanitize.stages.query.connect`: every view, joins, formats, read-only, errors."""
 
 import json
 
@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from emb_synth import mixture_similarities, write_emb
-from sanitize.query import QueryError, connect, run_query, view_names
-from sanitize.split import split
+from sanitize.stages.query import QueryError, connect, run_query, view_names
+from sanitize.stages.split import split
 
 N_PER_SHARD = 300
 

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from emb_synth import mixture_similarities, write_emb
-from sanitize.pairs import Pair
-from sanitize.report import build_report
-from sanitize.shards import ShardWriter
-from sanitize.split import split
+from sanitize.io.pairs import Pair
+from sanitize.stages.report import build_report
+from sanitize.io.shards import ShardWriter
+from sanitize.stages.split import split
 
 PER_SHARD = 120
 

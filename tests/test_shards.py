@@ -8,9 +8,9 @@ import os
 import pytest
 
 from helpers import make_pairs
-from sanitize import shards
-from sanitize.pairs import open_pairs
-from sanitize.shards import ShardWriter, atomic_write_bytes, write_pairs
+from sanitize.io import shards
+from sanitize.io.pairs import open_pairs
+from sanitize.io.shards import ShardWriter, atomic_write_bytes, write_pairs
 
 
 def _listing(folder) -> list[str]:
@@ -105,7 +105,7 @@ KILLED_WRITER = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
 from helpers import make_pairs
-from sanitize.shards import ShardWriter
+from sanitize.io.shards import ShardWriter
 
 def pairs():
     yield from make_pairs(3, size=8)  # shard 00000 (2 pairs) done, 00001 pending

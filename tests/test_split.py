@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from emb_synth import mixture_similarities, write_emb
-from sanitize.split import parse_schedule, plan_split, round_count, split
+from sanitize.stages.split import parse_schedule, plan_split, round_count, split
 
 
 def _emb(tmp_path, sizes=(700, 500, 800), seed=0, **kw):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sanitize import triggers as t
+from sanitize.attacks import triggers as t
 
 
 def image(seed: int = 0, shape: tuple[int, ...] = (28, 28)) -> np.ndarray:

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from conftest import write_sample_subset
-from sanitize.checkpoint import load_checkpoint
-from sanitize.pairs import open_pairs
+from sanitize.models.checkpoint import load_checkpoint
+from sanitize.io.pairs import open_pairs
 
 runner = CliRunner()
 # 192 pairs in 2 shards of 96, batch 64: 3 steps per epoch, 3 unimodal + 1 CLIP epoch.
@@ -106,8 +106,8 @@ def test_bad_input_is_a_one_line_error(pairs_dir, full_run, tmp_path, class_pair
 
 
 def test_training_batches_cover_every_pair_once_per_epoch_across_workers_and_ranks(class_pairs_dir):
-    from sanitize.models import create_model
-    from sanitize.training_data import PairBatches, make_loader
+    from sanitize.models.factory import create_model
+    from sanitize.train.batches import PairBatches, make_loader
 
     _model, tokenizer, image_size, _config = create_model("safeclip-tiny-vit")
     source = open_pairs(str(class_pairs_dir))  # 120 pairs in 3 shards of 40

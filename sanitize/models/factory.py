@@ -1,5 +1,5 @@
 """CLIP models from open_clip: any open_clip architecture by name, a config JSON
-path, or one of the small configs shipped in `sanitize/model_configs/` for CPU work.
+path, or one of the small configs shipped in `sanitize/models/configs/` for CPU work.
 
 Towers, tokeniser and preprocessing constants are open_clip's; we only resolve
 the config ourselves so a checkpoint can carry the exact config it was built
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_MODEL = "safeclip-tiny-vit"
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 def shipped_models() -> list[str]:

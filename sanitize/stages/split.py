@@ -25,7 +25,7 @@ first), then key (ascending), then input order: the ranking is deterministic.
 
 Ranking (`ranking=`): "global" (the paper's, the default) takes the top n_safe of all
 pairs; "balanced" shares the same n_safe out over faiss k-means clusters of the
-embeddings and takes the top share inside each (sanitize/balance.py; it streams the
+embeddings and takes the top share inside each (sanitize/defenses/balance.py; it streams the
 embedding columns twice more, keeping one small int per row).
 """
 
@@ -45,8 +45,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .gmm import clean_log_odds, fit_mixture, posterior_from_log_odds
-from .shards import atomic_write_json
+from ..defenses.gmm import clean_log_odds, fit_mixture, posterior_from_log_odds
+from ..io.shards import atomic_write_json
 
 T = TypeVar("T")
 SCHEDULES = ("safeclip", "fraction", "threshold")
@@ -275,8 +275,8 @@ def _global(inputs: RankInputs) -> Ranked:
 def _balanced(inputs: RankInputs) -> Ranked:
     """Spherical k-means clusters of the embeddings; the safe count is shared out over
     the clusters in proportion to their size, each filled by its own best p_clean
-    (sanitize/balance.py). Ties and the order inside each part follow rank_global."""
-    from .balance import FEW_POINTS, balanced_order, cluster_rows
+    (sanitize/defenses/balance.py). Ties and the order inside each part follow rank_global."""
+    from ..defenses.balance import FEW_POINTS, balanced_order, cluster_rows
 
     opts = inputs.options
     eligible = np.isfinite(inputs.log_odds)
@@ -316,7 +316,7 @@ def _no_options(options: Mapping | None) -> None:
 
 
 def _balanced_options(options: Mapping | None):
-    from .balance import BalanceOptions
+    from ..defenses.balance import BalanceOptions
 
     return BalanceOptions.from_mapping(options)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .gmm import Mixture, density
+from ..defenses.gmm import Mixture, density
 from .query import connect, locate, view_names
 
 SAFE_COLOUR, RISKY_COLOUR = "#3a9d5d", "#d1495b"
@@ -127,7 +127,7 @@ def thumbnail_uri(image, size: int) -> str:
 
 def attach_thumbnails(pairs: list[RiskyPair], source: str | None, source_format: str | None, size: int) -> str | None:
     """Read the images of `pairs` from the source; returns a note when they cannot all be found."""
-    from .pairs import SourceError, open_pairs
+    from ..io.pairs import SourceError, open_pairs
 
     if not pairs:
         return None

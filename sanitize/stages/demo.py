@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .fashion_mnist import sample_path
+from ..io.fashion_mnist import sample_path
 
 
 @dataclass
@@ -54,12 +54,12 @@ Stage = Callable[[str], None]
 
 def run_demo(config: DemoConfig, on_stage: Stage = lambda name: None, force: bool = False) -> DemoSummary:
     """Run every stage into `config.out`; returns what the run measured."""
-    from . import triggers
-    from .checkpoint import load_checkpoint
-    from .augment import eval_transform
+    from ..attacks import triggers
+    from ..models.checkpoint import load_checkpoint
+    from ..train.augment import eval_transform
     from .embed import embed_source, write_manifest
-    from .pairs import open_pairs
-    from .poison import PoisonConfig, poison
+    from ..io.pairs import open_pairs
+    from ..attacks.poison import PoisonConfig, poison
     from .query import connect
     from .report import build_report
     from .split import split

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from .fashion_mnist import FASHION_MNIST_CLASSES, caption_for, class_words, png_bytes
-from .pairs import Pair, PairSource, decode_image, open_pairs
-from .shards import ShardWriter, atomic_write_bytes, atomic_write_json
+from ..io.fashion_mnist import FASHION_MNIST_CLASSES, caption_for, class_words, png_bytes
+from ..io.pairs import Pair, PairSource, decode_image, open_pairs
+from ..io.shards import ShardWriter, atomic_write_bytes, atomic_write_json
 from .triggers import Trigger, trigger_from_spec
 
 ATTACKS = ("targeted", "badnet", "blended", "wanet", "label-consistent")

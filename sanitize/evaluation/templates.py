@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fashion_mnist import FASHION_MNIST_CLASSES
+from ..io.fashion_mnist import FASHION_MNIST_CLASSES
 
 # Quality, lighting, size and framing variations of "a photo of the {}.", as in CLIP's
 # prompt ensembles; averaging over them smooths out any one phrasing's bias. "the"

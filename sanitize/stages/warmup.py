@@ -30,14 +30,14 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .augment import EDA
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .losses import MemoryBank, clamp_logit_scale_, clip_loss, cross_clip_loss, unimodal_loss
-from .models import create_model, encode_pairs
-from .optim import lr_at, make_optimizer, set_lr
-from .pairs import CsvOptions, open_pairs
-from .shards import atomic_write_bytes, atomic_write_json
-from .training_data import PairBatches, make_loader
+from ..train.augment import EDA
+from ..models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..train.losses import MemoryBank, clamp_logit_scale_, clip_loss, cross_clip_loss, unimodal_loss
+from ..models.factory import create_model, encode_pairs
+from ..train.optim import lr_at, make_optimizer, set_lr
+from ..io.pairs import CsvOptions, open_pairs
+from ..io.shards import atomic_write_bytes, atomic_write_json
+from ..train.batches import PairBatches, make_loader
 
 PHASES = ("unimodal", "clip")
 

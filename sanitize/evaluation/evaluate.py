@@ -280,7 +280,7 @@ def targets_in(rows: list[dict]) -> list[dict]:
 
 def _check_split(part: str | os.PathLike, truth: str | None) -> None:
     """Fail before any encoding when the split or its ground truth cannot be found."""
-    from .query import locate
+    from ..stages.query import locate
 
     if locate(part, truth=truth).truth is None:
         raise FileNotFoundError(f"{part}: no poison manifest found beside the split's source; pass --truth")
@@ -288,7 +288,7 @@ def _check_split(part: str | os.PathLike, truth: str | None) -> None:
 
 def read_split_truth(part: str | os.PathLike, truth: str | None = None) -> dict[str, np.ndarray]:
     """kind, attack, risky, p_clean, rank of every pair of a split, joined to the manifest."""
-    from .query import connect
+    from ..stages.query import connect
 
     _check_split(part, truth)
     con = connect(part, truth=truth)
@@ -421,11 +421,11 @@ def _class_id(name: str | None, classes: list[str], what: str) -> int:
 
 def evaluate(config: EvalConfig, track: Callable = _identity_track) -> dict:
     """Run every evaluation the inputs allow; returns the JSON-able result (see module doc)."""
-    from .augment import eval_transform
-    from .checkpoint import load_checkpoint
-    from .models import describe
-    from .pairs import open_pairs
-    from .triggers import trigger_from_spec
+    from ..train.augment import eval_transform
+    from ..models.checkpoint import load_checkpoint
+    from ..models.factory import describe
+    from ..io.pairs import open_pairs
+    from ..attacks.triggers import trigger_from_spec
 
     timing: dict[str, float] = {}
     start = time.perf_counter()

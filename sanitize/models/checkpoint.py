@@ -20,9 +20,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__
-from .models import build_model, image_size_of, make_tokenizer
-from .shards import atomic_write_bytes
+from .. import __version__
+from .factory import build_model, image_size_of, make_tokenizer
+from ..io.shards import atomic_write_bytes
 
 FORMAT = "safeclip-checkpoint"
 FORMAT_VERSION = 1

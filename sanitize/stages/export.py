@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .pairs import PairSource, open_pairs
-from .shards import ShardWriter, atomic_write_json
+from ..io.pairs import PairSource, open_pairs
+from ..io.shards import ShardWriter, atomic_write_json
 
 PARTITIONS = ("safe", "risky")
 

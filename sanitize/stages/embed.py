@@ -20,9 +20,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .models import encode_pairs
-from .pairs import PairSource, Shard, Skips
-from .shards import atomic_write_bytes, atomic_write_json
+from ..models.factory import encode_pairs
+from ..io.pairs import PairSource, Shard, Skips
+from ..io.shards import atomic_write_bytes, atomic_write_json
 
 EMBED_MANIFEST = "embed.json"
 DTYPES = ("float16", "float32")

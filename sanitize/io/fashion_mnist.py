@@ -313,7 +313,7 @@ SAMPLE_TRAIN, SAMPLE_TEST, SAMPLE_SEED, SAMPLE_NOISE = 5000, 1000, 0, 0.03
 
 def sample_path() -> Path:
     """The bundled sample (5,000 train + 1,000 test pairs): `sample_path() / "train"`."""
-    return Path(__file__).parent / "data" / "fashion-mnist-sample"
+    return Path(__file__).parents[1] / "data" / "fashion-mnist-sample"
 
 
 def gzip_shards(folder: str | os.PathLike) -> None:

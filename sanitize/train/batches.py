@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import EDA, ImageViews, eval_transform
-from .pairs import PairSource, Skips
+from ..io.pairs import PairSource, Skips
 
 
 def sample_seed(seed: int, epoch: int, shard: int, position: int) -> int:

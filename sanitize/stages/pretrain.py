@@ -54,15 +54,15 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .augment import EDA, eval_transform
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .distributed import Dist, barrier, broadcast_object, gather_features, gather_object
+from ..train.augment import EDA, eval_transform
+from ..models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..train.distributed import Dist, barrier, broadcast_object, gather_features, gather_object
 from .embed import embed_source, output_name, write_manifest
-from .losses import MemoryBank, unimodal_loss
-from .optim import lr_at, make_optimizer
-from .pairs import PairSource, Shard, Skips, open_pairs
-from .shards import atomic_write_bytes, atomic_write_json
-from .training_data import PairBatches, make_loader
+from ..train.losses import MemoryBank, unimodal_loss
+from ..train.optim import lr_at, make_optimizer
+from ..io.pairs import PairSource, Shard, Skips, open_pairs
+from ..io.shards import atomic_write_bytes, atomic_write_json
+from ..train.batches import PairBatches, make_loader
 from .warmup import EpochStats, Precision, WarmupConfig, run_epoch, run_warmup
 
 DEFENSES = ("safeclip", "none", "clip-score")
@@ -126,7 +126,7 @@ class PretrainConfig:
         return 0 if self.defense == "none" else self.warmup.unimodal_epochs + self.warmup.clip_epochs
 
     def validate(self) -> None:
-        from .models import resolve_config
+        from ..models.factory import resolve_config
         from .split import parse_schedule
 
         if self.defense not in DEFENSES:
@@ -344,7 +344,7 @@ class Phase3Step:
         self.temperature, self.banks, self.local_loss, self.keep = temperature, banks, local_loss, keep
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        from .losses import MAX_LOGIT_SCALE
+        from ..train.losses import MAX_LOGIT_SCALE
 
         n = len(batch["key"])
         plain = "image" in batch  # plain CLIP: the pair as it is, one forward; else two views
@@ -430,8 +430,8 @@ def _batches_for(data: PairBatches, epoch: int, num_workers: int, ctx: Dist) -> 
 def zero_shot_accuracy(model: torch.nn.Module, tokenizer, image_size: int, test: str, classes: str,
                        device: torch.device, batch_size: int = 256) -> dict:
     """Top-1 zero-shot accuracy on a labelled pair source (sanitize.evaluate's functions)."""
-    from .evaluate import image_features, predict, text_embeddings, zero_shot_scores, zero_shot_weights
-    from .templates import load_classes, load_templates
+    from ..evaluation.evaluate import image_features, predict, text_embeddings, zero_shot_scores, zero_shot_weights
+    from ..evaluation.templates import load_classes, load_templates
 
     class_set = load_classes(classes)
     was_training = model.training
@@ -598,7 +598,7 @@ def run_pretrain(src: str, run: str | os.PathLike, config: PretrainConfig, *, re
     elif config.defense != "none":
         model, tokenizer, image_size, model_cfg, state_from = load_checkpoint(layout.warmup)
     else:
-        from .models import create_model
+        from ..models.factory import create_model
 
         torch.manual_seed(wcfg.seed)
         model, tokenizer, image_size, model_cfg = create_model(wcfg.model, wcfg.pretrained)
