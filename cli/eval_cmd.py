@@ -137,7 +137,8 @@ def eval_cmd(
     """Evaluate a checkpoint (see HELP)."""
     import torch
 
-    from sanitize.evaluation.evaluate import EvalConfig, evaluate, manifest_path
+    from sanitize.evaluation.evaluate import EvalConfig, evaluate
+    from sanitize.io.artifacts import find_poison_manifest
     from sanitize.io.shards import atomic_write_json
     from sanitize.evaluation.templates import load_classes, load_templates
 
@@ -147,7 +148,7 @@ def eval_cmd(
                  else f"{out.parent}: no such folder for --out")
         class_set = load_classes(classes)
         prompts = load_templates(templates)
-        manifest_file = manifest_path(poison_dir, manifest) if (poison_dir or manifest) else None
+        manifest_file = find_poison_manifest(poison_dir, manifest) if (poison_dir or manifest) else None
         if truth is not None and split is None:
             fail("--truth is for --split; give --split PART too")
         if device == "auto":

@@ -65,15 +65,15 @@ def split(
     for message in result.warnings:
         warn(message)
     m = result.manifest
-    counts, mix = m["counts"], m["mixture"]
-    r0 = f", r0 {m['r0']:.4f}" if m["r0"] is not None else ""
-    balance = m.get("balance")
+    counts, mix = m.counts, m.mixture
+    r0 = f", r0 {m.r0:.4f}" if m.r0 is not None else ""
+    balance = m.extra.get("balance")
     how = (f"balanced over {balance['clusters']} {balance['cluster_on']} clusters" if balance
-           else f"{m['ranking']} ranking")
+           else f"{m.ranking} ranking")
     done(f"split {counts['total']:,} pairs at epoch {epoch} ({how}): {counts['safe']:,} safe "
-         f"({counts['safe_share']:.1%}, target ratio {m['ratio']:.4f}{r0}), {counts['risky']:,} risky; "
+         f"({counts['safe_share']:.1%}, target ratio {m.ratio:.4f}{r0}), {counts['risky']:,} risky; "
          f"mixture means {mix['means'][0]:.3f} / {mix['means'][1]:.3f}; "
-         f"{m['timing_s']['total']:.1f} s -> {out}/split.json")
+         f"{m.timing_s['total']:.1f} s -> {out}/split.json")
 
 
 def register(app: typer.Typer) -> None:

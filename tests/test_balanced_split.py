@@ -13,7 +13,8 @@ import sanitize.defenses.balance as balance
 from cli.main import app
 from emb_synth import mixture_similarities, write_emb
 from sanitize.defenses.balance import BalanceOptions, balanced_order, cluster_quotas, vectors_to_numpy
-from sanitize.stages.split import round_count, split
+from sanitize.defenses.schedule import round_count
+from sanitize.stages.split import split
 
 GROUPS = 4
 # Clean-pair similarity per group: group 0 is the "easy" concept, group 3 the "hard" one.
@@ -129,9 +130,9 @@ def test_options_are_validated():
 
 def test_global_starves_the_hard_cluster_balanced_does_not(tmp_path):
     emb, truth = _clustered_emb(tmp_path / "emb")
-    g = split(emb, tmp_path / "g", "fraction:0.3").manifest
+    g = split(emb, tmp_path / "g", "fraction:0.3").manifest.to_json()
     b = split(emb, tmp_path / "b", "fraction:0.3", ranking="balanced",
-              ranking_options={"clusters": GROUPS}).manifest
+              ranking_options={"clusters": GROUPS}).manifest.to_json()
     n = len(truth)
     assert g["counts"]["safe"] == b["counts"]["safe"] == round_count(0.3, n)
     g_safe, size = _safe_by_group(tmp_path / "g", truth)
@@ -164,22 +165,22 @@ def test_global_starves_the_hard_cluster_balanced_does_not(tmp_path):
 
 def test_epoch0_count_is_the_global_threshold_count(tmp_path):
     emb, truth = _clustered_emb(tmp_path / "emb")
-    g = split(emb, tmp_path / "g", "safeclip").manifest
-    b = split(emb, tmp_path / "b", "safeclip", ranking="balanced", ranking_options={"clusters": GROUPS}).manifest
+    g = split(emb, tmp_path / "g", "safeclip").manifest.to_json()
+    b = split(emb, tmp_path / "b", "safeclip", ranking="balanced", ranking_options={"clusters": GROUPS}).manifest.to_json()
     assert b["counts"]["safe"] == g["counts"]["safe"] > 0 and b["r0"] == g["r0"]
     # Later epochs: same r0 carried along, same count as the global schedule.
-    g3 = split(emb, tmp_path / "g3", "safeclip", epoch=3, previous=tmp_path / "g").manifest
+    g3 = split(emb, tmp_path / "g3", "safeclip", epoch=3, previous=tmp_path / "g").manifest.to_json()
     b3 = split(emb, tmp_path / "b3", "safeclip", epoch=3, previous=tmp_path / "b", ranking="balanced",
-               ranking_options={"clusters": GROUPS}).manifest
+               ranking_options={"clusters": GROUPS}).manifest.to_json()
     assert b3["counts"]["safe"] == g3["counts"]["safe"] and b3["ratio"] == g3["ratio"]
 
 
 def test_deterministic_and_streamed_in_batches(tmp_path, monkeypatch):
     emb, truth = _clustered_emb(tmp_path / "emb", sizes=(500, 400, 300))
     opts = {"clusters": GROUPS, "sample": 600}
-    a = split(emb, tmp_path / "a", "fraction:0.4", ranking="balanced", ranking_options=opts, seed=5).manifest
+    a = split(emb, tmp_path / "a", "fraction:0.4", ranking="balanced", ranking_options=opts, seed=5).manifest.to_json()
     monkeypatch.setattr(balance, "BATCH_ROWS", 97)  # many batches per file, sampled rows across them
-    b = split(emb, tmp_path / "b", "fraction:0.4", ranking="balanced", ranking_options=opts, seed=5).manifest
+    b = split(emb, tmp_path / "b", "fraction:0.4", ranking="balanced", ranking_options=opts, seed=5).manifest.to_json()
     assert a["balance"]["sample"] == 600 and a["balance"] == b["balance"]
     for sub in ("safe", "risky"):
         for f in ("00000.parquet", "00001.parquet", "00002.parquet"):
@@ -196,7 +197,7 @@ def test_deterministic_and_streamed_in_batches(tmp_path, monkeypatch):
 def test_pairs_without_similarity_stay_risky_and_unclustered(tmp_path):
     emb, truth = _clustered_emb(tmp_path / "emb", nan_rows=(0, 5, 9))
     m = split(emb, tmp_path / "p", "fraction:1.0", ranking="balanced",
-              ranking_options={"clusters": GROUPS}).manifest
+              ranking_options={"clusters": GROUPS}).manifest.to_json()
     n = len(truth)
     assert m["counts"]["safe"] == n - 3 and sum(m["balance"]["cluster_sizes"]) == n - 3
     risky = pq.read_table(tmp_path / "p" / "risky" / "00000.parquet").column("key").to_pylist()
@@ -217,10 +218,10 @@ def test_bad_input_is_a_clear_error(tmp_path):
         split(emb, tmp_path / "c", "fraction:0.5", ranking="balanced")
     # text-only clustering does not need the image column
     m = split(emb, tmp_path / "d", "fraction:0.5", ranking="balanced",
-              ranking_options={"clusters": 2, "cluster_on": "text"}).manifest
+              ranking_options={"clusters": 2, "cluster_on": "text"}).manifest.to_json()
     assert m["counts"]["safe"] == 25 and any("fewer than 39" in w for w in m["warnings"])
     # options for the global ranking are reported as ignored, not silently dropped
-    m = split(emb, tmp_path / "e", "fraction:0.5", ranking_options={"clusters": 3}).manifest
+    m = split(emb, tmp_path / "e", "fraction:0.5", ranking_options={"clusters": 3}).manifest.to_json()
     assert any("not used by the global ranking" in w for w in m["warnings"])
 
 

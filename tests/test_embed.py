@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from cli.main import app
 from sanitize.train.augment import eval_transform
 from sanitize.models.checkpoint import load_checkpoint
-from sanitize.stages.embed import embed_source, read_manifest
+from sanitize.io.artifacts import Embeddings
+from sanitize.stages.embed import embed_source
 from sanitize.models.factory import encode_pairs
 from sanitize.io.pairs import open_pairs
 
@@ -103,7 +104,7 @@ def test_cli_writes_manifest_and_reports_rate(class_pairs_dir, tiny_checkpoint, 
                                  "--out", str(out), "--workers", "0", "--batch-size", "32"])
     assert result.exit_code == 0, result.output
     assert "embedded 120 pairs in 3 shard(s)" in result.output and "pairs/s" in result.output
-    manifest = read_manifest(out)
+    manifest = Embeddings(out).manifest().to_json()
     assert manifest["count"] == 120 and manifest["dim"] == 128 and manifest["source_format"] == "webdataset"
     assert manifest["shards"] == ["00000.parquet", "00001.parquet", "00002.parquet"]
     again = runner.invoke(app, ["embed", str(class_pairs_dir), "--checkpoint", str(tiny_checkpoint),

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from sanitize.evaluation.evaluate import (attack_success, auroc, backdoors_in, detection_metrics, label_of, linear_probe,
-                               per_class_accuracy, predict, targeted_success, targets_in, topk_accuracy,
-                               zero_shot_report, zero_shot_scores, zero_shot_weights)
+from sanitize.evaluation.evaluate import backdoors_in, label_of, targets_in
+from sanitize.evaluation.metrics import (attack_success, auroc, detection_metrics, linear_probe, per_class_accuracy,
+                                         predict, targeted_success, topk_accuracy, zero_shot_report,
+                                         zero_shot_scores, zero_shot_weights)
 from sanitize.io.fashion_mnist import CAPTION_TEMPLATES, CLASS_SYNONYMS, CONTEXTS, FASHION_MNIST_CLASSES, class_words
 from sanitize.evaluation.templates import (DEFAULT_TEMPLATES, FASHION_MNIST_PROMPT_NAMES, check_templates, load_classes,
                                 load_templates, prompts)

@@ -75,7 +75,7 @@ def test_all_phases_write_checkpoints_splits_and_metrics(full_run):
 
 
 def test_safe_ratio_follows_the_schedule(full_run):
-    from sanitize.stages.split import round_count
+    from sanitize.defenses.schedule import round_count
 
     run, _ = full_run
     first = json.loads((run / "splits" / "epoch=2" / "split.json").read_text())
@@ -281,4 +281,4 @@ def test_torchrun_two_processes_split_equals_single_process(pairs_dir, tmp_path)
     assert json.loads((scores / "embed.json").read_text())["count"] == 200  # both ranks' shards
     single = split(scores, tmp_path / "single", "safeclip", epoch=0, seed=0)
     assert safe_keys(tmp_path / "single") == safe_keys(run / "splits" / "epoch=2")
-    assert single.manifest["counts"]["safe"] == record["n_safe"]
+    assert single.manifest.counts["safe"] == record["n_safe"]

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from emb_synth import mixture_similarities, write_emb
-from sanitize.stages.split import parse_schedule, plan_split, round_count, split
+from sanitize.defenses.schedule import parse_schedule, plan_split, round_count
+from sanitize.stages.split import split
 
 
 def _emb(tmp_path, sizes=(700, 500, 800), seed=0, **kw):
@@ -72,7 +73,7 @@ def test_plan_follows_safeclip_schedule():
 def test_split_matches_sklearn_and_writes_schema(tmp_path):
     emb, shards = _emb(tmp_path)
     part = tmp_path / "part"
-    m = split(emb, part, "safeclip", seed=3).manifest
+    m = split(emb, part, "safeclip", seed=3).manifest.to_json()
     sims = np.concatenate(list(shards.values())).astype(np.float64)
     ref = GaussianMixture(n_components=2, random_state=3).fit(sims[:, None])
     order = np.argsort(ref.means_.ravel())
@@ -133,22 +134,22 @@ def test_rank_is_a_deterministic_total_order(tmp_path):
 
 def test_epoch_schedule_with_previous_and_cap(tmp_path):
     emb, _ = _emb(tmp_path)
-    m0 = split(emb, tmp_path / "e0", "safeclip").manifest
+    m0 = split(emb, tmp_path / "e0", "safeclip").manifest.to_json()
     r0 = m0["r0"]
-    m4 = split(emb, tmp_path / "e4", "safeclip:step=0.02", epoch=4, previous=tmp_path / "e0").manifest
+    m4 = split(emb, tmp_path / "e4", "safeclip:step=0.02", epoch=4, previous=tmp_path / "e0").manifest.to_json()
     assert m4["r0"] == r0 and m4["ratio"] == pytest.approx(min(0.85, r0 + 0.08))
     assert m4["counts"]["safe"] == math.floor(m4["ratio"] * 2000 + 0.5)
     assert "previous split" in m4["r0_source"]
     # r0 carries through later splits, so any earlier split works as --previous.
-    m5 = split(emb, tmp_path / "e5", "safeclip:step=0.02", epoch=5, previous=tmp_path / "e4").manifest
+    m5 = split(emb, tmp_path / "e5", "safeclip:step=0.02", epoch=5, previous=tmp_path / "e4").manifest.to_json()
     assert m5["r0"] == r0
-    capped = split(emb, tmp_path / "e90", "safeclip", epoch=90, previous=tmp_path / "e0").manifest
+    capped = split(emb, tmp_path / "e90", "safeclip", epoch=90, previous=tmp_path / "e0").manifest.to_json()
     assert capped["ratio"] == 0.85 and capped["counts"]["safe"] == 1700
     rows = _all_rows(tmp_path / "e90")
     assert set(rows.column("epoch").to_pylist()) == {90} and set(rows.column("ratio").to_pylist()) == {0.85}
-    no_prev = split(emb, tmp_path / "e2", "safeclip", epoch=2).manifest
+    no_prev = split(emb, tmp_path / "e2", "safeclip", epoch=2).manifest.to_json()
     assert no_prev["r0"] == pytest.approx(r0) and "this fit" in no_prev["r0_source"]
-    frac = split(emb, tmp_path / "f", "fraction:0.3", epoch=3).manifest
+    frac = split(emb, tmp_path / "f", "fraction:0.3", epoch=3).manifest.to_json()
     assert frac["counts"]["safe"] == 600 and frac["r0"] is None
     with pytest.raises(ValueError, match="no start ratio"):
         split(emb, tmp_path / "bad", "safeclip", epoch=1, previous=tmp_path / "f")
@@ -156,9 +157,9 @@ def test_epoch_schedule_with_previous_and_cap(tmp_path):
 
 def test_fit_sample_is_seeded(tmp_path):
     emb, _ = _emb(tmp_path, sizes=(1500, 1500))
-    a = split(emb, tmp_path / "a", "safeclip", fit_sample=500, seed=7).manifest
-    b = split(emb, tmp_path / "b", "safeclip", fit_sample=500, seed=7).manifest
-    c = split(emb, tmp_path / "c", "safeclip", fit_sample=500, seed=8).manifest
+    a = split(emb, tmp_path / "a", "safeclip", fit_sample=500, seed=7).manifest.to_json()
+    b = split(emb, tmp_path / "b", "safeclip", fit_sample=500, seed=7).manifest.to_json()
+    c = split(emb, tmp_path / "c", "safeclip", fit_sample=500, seed=8).manifest.to_json()
     assert a["fit_sample"] == a["mixture"]["n_fit"] == 500
     assert a["mixture"] == b["mixture"] and a["mixture"]["means"] != c["mixture"]["means"]
     assert a["counts"]["total"] == 3000  # posteriors for all pairs, not just the sample
@@ -169,7 +170,7 @@ def test_missing_similarities_go_to_risky(tmp_path):
     sims = mixture_similarities(400, rng)
     sims[[3, 50, 399]] = np.nan
     emb = write_emb(tmp_path / "emb", {"00000": sims})
-    m = split(emb, tmp_path / "p", "fraction:0.9").manifest
+    m = split(emb, tmp_path / "p", "fraction:0.9").manifest.to_json()
     assert m["counts"]["no_similarity"] == 3 and m["warnings"]
     risky = pq.read_table(tmp_path / "p" / "risky" / "00000.parquet")
     bad = {"000000003", "000000050", "000000399"}
@@ -177,7 +178,7 @@ def test_missing_similarities_go_to_risky(tmp_path):
                                          risky.column("rank").to_pylist())}
     assert bad <= set(rows) and all(rows[k][0] == 0.0 and rows[k][1] >= 397 for k in bad)
     # Even a schedule that makes everything safe leaves unscored pairs risky.
-    m = split(emb, tmp_path / "all", "fraction:1.0").manifest
+    m = split(emb, tmp_path / "all", "fraction:1.0").manifest.to_json()
     assert m["counts"]["safe"] == 397 and m["similarity_cutoff"] == pytest.approx(float(np.nanmin(sims)))
 
 
@@ -198,7 +199,7 @@ def test_refuses_to_overwrite_and_force_replaces(tmp_path):
 def test_ignores_dotfiles_and_rejects_bad_input(tmp_path):
     emb, _ = _emb(tmp_path, sizes=(300,))
     (emb / ".00001.parquet.tmp").write_bytes(b"partial")
-    assert split(emb, tmp_path / "p", "fraction:0.5").manifest["counts"]["total"] == 300
+    assert split(emb, tmp_path / "p", "fraction:0.5").manifest.counts["total"] == 300
     with pytest.raises(FileNotFoundError):
         split(tmp_path / "nowhere", tmp_path / "q", "safeclip")
     pq.write_table(pa.table({"key": ["a"]}), emb / "00009.parquet")

@@ -29,7 +29,6 @@ their caption names the target class (any of its synonyms).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -38,14 +37,16 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+
+from ..io.artifacts import (POISON_COLUMNS, poison_manifest_path, poison_summary_path, read_poison_manifest,
+                           read_poison_summary, write_poison_manifest, write_poison_summary)
 from ..io.fashion_mnist import FASHION_MNIST_CLASSES, caption_for, class_words, png_bytes
 from ..io.pairs import Pair, PairSource, decode_image, open_pairs
-from ..io.shards import ShardWriter, atomic_write_bytes, atomic_write_json
+from ..io.shards import ShardWriter
 from .triggers import Trigger, trigger_from_spec
 
 ATTACKS = ("targeted", "badnet", "blended", "wanet", "label-consistent")
 BACKDOORS = ("badnet", "blended", "wanet", "label-consistent")
-MANIFEST_COLUMNS = ("key", "attack", "kind", "target_class", "true_class", "source_key", "trigger", "run")
 DEFAULT_SHARE = 0.0025  # BadNet-style poisoning rate used when neither count nor share is given
 
 
@@ -240,13 +241,11 @@ def read_rows(source: PairSource, previous: dict[str, dict], wrap: Wrap, what: s
 def load_previous(src: str) -> tuple[dict[str, dict], list[dict]]:
     """Manifest rows and runs of an earlier `poison` output, when `src` is one."""
     folder = Path(src)
-    manifest, config = folder / "manifest.parquet", folder / "poison.json"
-    if not (folder.is_dir() and manifest.exists() and config.exists()):
+    manifest, summary = poison_manifest_path(folder), poison_summary_path(folder)
+    if not (folder.is_dir() and manifest.exists() and summary.exists()):
         return {}, []
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(manifest).to_pylist()
-    return {r["key"]: r for r in rows}, json.loads(config.read_text())["runs"]
+    rows = read_poison_manifest(manifest)
+    return {r["key"]: r for r in rows}, read_poison_summary(folder)["runs"]
 
 
 def _check_out(out: Path, src: str) -> None:
@@ -302,7 +301,7 @@ def poison(src: str, out: str | os.PathLike, config: PoisonConfig, samples_per_s
                                  "target_class": item.target_class, "true_class": item.true_class,
                                  "source_key": item.source_key, "trigger": trigger_json, "run": run})
             elif pair.key in previous:
-                manifest.append({c: previous[pair.key].get(c) for c in MANIFEST_COLUMNS})
+                manifest.append({c: previous[pair.key].get(c) for c in POISON_COLUMNS})
             else:
                 manifest.append({"key": pair.key, "attack": None,
                                  "kind": "noise" if pair.meta.get("noise") else "clean",
@@ -322,19 +321,7 @@ def poison(src: str, out: str | os.PathLike, config: PoisonConfig, samples_per_s
             seen[item.source_key]["copies"] += 1
         this_run["targets"] = list(seen.values())
     summary = {"runs": runs + [this_run], "counts": {**kinds, "total": len(manifest)},
-               "manifest": "manifest.parquet"}
-    _write_manifest(out / "manifest.parquet", manifest)
-    atomic_write_json(out / "poison.json", summary)
+               "manifest": poison_manifest_path(out).name}
+    write_poison_manifest(poison_manifest_path(out), manifest)
+    write_poison_summary(out, summary)
     return summary
-
-
-def _write_manifest(path: Path, rows: list[dict]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([("key", pa.string()), ("attack", pa.string()), ("kind", pa.string()),
-                        ("target_class", pa.string()), ("true_class", pa.string()),
-                        ("source_key", pa.string()), ("trigger", pa.string()), ("run", pa.int32())])
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
-    atomic_write_bytes(path, buffer.getvalue())

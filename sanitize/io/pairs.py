@@ -609,3 +609,25 @@ def open_pairs(path: str | os.PathLike | Sequence[str], format: str | None = Non
     if not os.path.isdir(path):
         raise SourceError(f"{path}: a folder source must be a folder")
     return PairSource("folder", path, [Shard(os.path.basename(os.path.normpath(path)), path, _read_folder)])
+
+
+# ---- subsets ---------------------------------------------------------------------
+
+def _read_only(keys: frozenset, inner: Callable, shard: Shard, skips: Skips) -> Iterator[Pair]:
+    """A shard reader that yields only the pairs whose key is in `keys` (module level: pickles)."""
+    for pair in inner(shard, skips):
+        if pair.key in keys:
+            yield pair
+
+
+def subset_source(source: PairSource, keys_by_shard: dict[str, list[str]]) -> PairSource:
+    """The pairs of `source` whose keys are listed for their shard, by the shard's embedding
+    file stem (a split partition's `Split.keys`). Shard order and positions are kept, so
+    data order stays a function of the seed."""
+    from .artifacts import embedding_file_name
+
+    shards = []
+    for shard in source.shards:
+        keys = frozenset(keys_by_shard.get(Path(embedding_file_name(shard.name)).stem, ()))
+        shards.append(Shard(shard.name, shard.path, functools.partial(_read_only, keys, shard.read), len(keys)))
+    return PairSource(source.format, source.root, shards)

@@ -52,15 +52,44 @@ class DemoSummary:
 Stage = Callable[[str], None]
 
 
+def _inject(sample: Path, out: Path, config: DemoConfig) -> Path:
+    """BadNet, then targeted poisoning on top (one manifest holds both); returns the poisoned set."""
+    from ..attacks import triggers
+    from ..attacks.poison import PoisonConfig, poison
+
+    backdoored, poisoned = out / "data" / "badnet", out / "data" / "poisoned"
+    poison(str(sample / "train"), backdoored,
+           PoisonConfig(attack="badnet", seed=config.seed, target_class=config.badnet_target,
+                        count=config.badnet_count, trigger=triggers.badnet_spec(seed=config.seed)))
+    poison(str(backdoored), poisoned,
+           PoisonConfig(attack="targeted", seed=config.seed, targets=config.targets, copies=config.copies,
+                        target_source=str(sample / "test")))
+    shutil.rmtree(backdoored)  # the second poison run carried its pairs and manifest over
+    return poisoned
+
+
+def _summary(out: Path, part: Path, report: Path, seconds: dict) -> DemoSummary:
+    """What the split holds, read back from its files (detection metrics and the most risky pairs)."""
+    from ..evaluation.evaluate import split_detection
+    from .query import connect
+
+    detection = split_detection(part)
+    recall = [{"attack": row["name"], "poisons": row["total"], "risky": row["in_risky"], "recall": row["recall"]}
+              for row in detection["rows"] if row["name"] != "all poisons"]
+    con = connect(part)
+    most_risky = [dict(zip(("key", "caption", "similarity", "p_clean", "attack"), row)) for row in con.execute(
+        "SELECT p.key, p.caption, p.similarity, p.p_clean, coalesce(t.attack, '') "
+        "FROM risky p LEFT JOIN truth t USING (key) ORDER BY p.rank DESC LIMIT 5").fetchall()]
+    con.close()
+    return DemoSummary(out=out, pairs=detection["n"], risky=detection["risky"], recall=recall,
+                       most_risky=most_risky, report=report, first_poison_rank=detection["first_poison_rank"],
+                       seconds=seconds)
+
+
 def run_demo(config: DemoConfig, on_stage: Stage = lambda name: None, force: bool = False) -> DemoSummary:
     """Run every stage into `config.out`; returns what the run measured."""
-    from ..attacks import triggers
-    from ..models.checkpoint import load_checkpoint
-    from ..train.augment import eval_transform
-    from .embed import embed_source, write_manifest
-    from ..io.pairs import open_pairs
-    from ..attacks.poison import PoisonConfig, poison
-    from .query import connect
+    from .config import EmbedConfig
+    from .embed import run_embed
     from .report import build_report
     from .split import split
     from .warmup import WarmupConfig, run_warmup
@@ -71,7 +100,6 @@ def run_demo(config: DemoConfig, on_stage: Stage = lambda name: None, force: boo
             raise FileExistsError(f"{out}: exists; pass --force to replace it or --out for another folder")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    sample = sample_path()
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], object]) -> object:
@@ -81,61 +109,14 @@ def run_demo(config: DemoConfig, on_stage: Stage = lambda name: None, force: boo
         seconds[name] = round(time.perf_counter() - start, 1)
         return result
 
-    backdoored, poisoned = out / "data" / "badnet", out / "data" / "poisoned"
-
-    def inject() -> None:
-        poison(str(sample / "train"), backdoored,
-               PoisonConfig(attack="badnet", seed=config.seed, target_class=config.badnet_target,
-                            count=config.badnet_count, trigger=triggers.badnet_spec(seed=config.seed)))
-        poison(str(backdoored), poisoned,
-               PoisonConfig(attack="targeted", seed=config.seed, targets=config.targets, copies=config.copies,
-                            target_source=str(sample / "test")))
-        shutil.rmtree(backdoored)  # the second poison run carried its pairs and manifest over
-
-    timed("poison", inject)
-    checkpoint = out / "warmup.pt"
+    poisoned = timed("poison", lambda: _inject(sample_path(), out, config))
+    checkpoint, emb, part, report = out / "warmup.pt", out / "embeddings", out / "split", out / "report.html"
     warmup_config = WarmupConfig(unimodal_epochs=config.unimodal_epochs, clip_epochs=config.clip_epochs,
                                  clip_lr_scale=config.clip_lr_scale, batch_size=config.batch_size, lr=config.lr,
                                  seed=config.seed, num_workers=1)
     threads = max(1, (os.cpu_count() or 1) - 1)  # one core for the decoding worker, as the CLI does
     timed("warmup", lambda: run_warmup(str(poisoned), checkpoint, warmup_config, threads=threads))
-
-    emb = out / "embeddings"
-
-    def embed() -> None:
-        model, tokenizer, image_size, _config, _state = load_checkpoint(checkpoint)
-        source = open_pairs(str(poisoned))
-        result = embed_source(source, model, tokenizer, eval_transform(image_size), emb,
-                              num_workers=config.workers)
-        write_manifest(emb, checkpoint=str(checkpoint), source=source, dtype="float16", augment=False,
-                       seconds=result.seconds, world_size=1)
-
-    timed("embed", embed)
-    part = out / "split"
+    timed("embed", lambda: run_embed(str(poisoned), checkpoint, emb, EmbedConfig(workers=config.workers)))
     timed("split", lambda: split(emb, part, config.schedule, epoch=0, seed=config.seed))
-
-    con = connect(part)
-    pairs, risky = con.execute("SELECT count(*), count(*) FILTER (WHERE partition = 'risky') FROM pairs").fetchone()
-    recall = [dict(zip(("attack", "poisons", "risky"), row)) for row in con.execute(
-        "SELECT coalesce(t.attack, t.kind) AS what, count(*), count(*) FILTER (WHERE p.partition = 'risky') "
-        "FROM truth t JOIN pairs p USING (key) WHERE t.kind <> 'clean' "
-        "GROUP BY what ORDER BY what = 'noise', what"
-    ).fetchall()]
-    for row in recall:
-        row["recall"] = row["risky"] / row["poisons"] if row["poisons"] else float("nan")
-    most_risky = [dict(zip(("key", "caption", "similarity", "p_clean", "attack"), row)) for row in con.execute(
-        "SELECT p.key, p.caption, p.similarity, p.p_clean, coalesce(t.attack, '') "
-        "FROM risky p LEFT JOIN truth t USING (key) ORDER BY p.rank DESC LIMIT 5").fetchall()]
-    (first_poison_rank,) = con.execute(
-        "SELECT min(p.rank) FROM pairs p JOIN truth t USING (key) WHERE t.kind = 'poison'").fetchone()
-    con.close()
-
-    report = out / "report.html"
-
-    def write_report() -> None:
-        html, _data = build_report(part)
-        report.write_text(html, encoding="utf-8")
-
-    timed("report", write_report)
-    return DemoSummary(out=out, pairs=pairs, risky=risky, recall=recall, most_risky=most_risky, report=report,
-                       first_poison_rank=first_poison_rank, seconds=seconds)
+    timed("report", lambda: report.write_text(build_report(part)[0], encoding="utf-8"))
+    return _summary(out, part, report, seconds)

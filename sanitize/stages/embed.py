@@ -10,7 +10,6 @@ shards whose file exists, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,21 +19,13 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ..io.artifacts import EmbedManifest, Embeddings, embedding_file_name
+from ..io.pairs import CsvOptions, PairSource, Shard, Skips, open_pairs
+from ..io.shards import atomic_write_bytes
 from ..models.factory import encode_pairs
-from ..io.pairs import PairSource, Shard, Skips
-from ..io.shards import atomic_write_bytes, atomic_write_json
+from ..train import distributed
+from .config import DTYPES, EmbedConfig
 
-EMBED_MANIFEST = "embed.json"
-DTYPES = ("float16", "float32")
-
-
-def output_name(shard: Shard) -> str:
-    """`00000.tar` (or .tar.gz, .parquet, .csv) -> `00000.parquet`: one Parquet file per shard."""
-    name = shard.name
-    for suffix in (".tar.gz", ".tgz", ".tar", ".parquet", ".csv", ".tsv"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)] + ".parquet"
-    return name + ".parquet"
 
 
 @dataclass
@@ -156,18 +147,6 @@ class EmbedResult:
         return self.pairs / self.seconds if self.seconds > 0 else 0.0
 
 
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size) under torchrun; (0, 1) otherwise. Initialises the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable, transform: Callable,
                  out_dir: str | os.PathLike, *, batch_size: int = 256, dtype: str = "float16",
                  num_workers: int = 2, device: str = "cpu", rank: int = 0, world_size: int = 1,
@@ -177,7 +156,7 @@ def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable
         raise ValueError(f"unknown dtype {dtype!r}; choose float16 or float32")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = [output_name(s) for s in source.shards]
+    names = [embedding_file_name(s.name) for s in source.shards]
     if len(set(names)) != len(names):
         raise ValueError("two input shards have the same name; embed them into separate folders")
     result = EmbedResult()
@@ -238,32 +217,64 @@ def _embed_dim(model: torch.nn.Module) -> int:
 
 
 def write_manifest(out_dir: str | os.PathLike, *, checkpoint: str, source: PairSource, dtype: str,
-                   augment: bool, seconds: float, world_size: int, extra: dict | None = None) -> dict:
+                   augment: bool, seconds: float, world_size: int, extra: dict | None = None) -> EmbedManifest:
     """Rank 0 writes embed.json once every shard file exists."""
     import pyarrow.parquet as pq
 
-    out = Path(out_dir)
-    files = [output_name(s) for s in source.shards]
-    missing = [f for f in files if not (out / f).exists()]
+    folder = Embeddings(out_dir)
+    files = [folder.file_for(s.name) for s in source.shards]
+    missing = [f.name for f in files if not f.exists()]
     if missing:
         raise RuntimeError(f"embedding incomplete: {len(missing)} shard file(s) missing, e.g. {missing[0]}")
-    count = sum(pq.ParquetFile(out / f).metadata.num_rows for f in files)
-    schema = pq.ParquetFile(out / files[0]).schema_arrow
-    dim = schema.field("image_emb").type.list_size
-    manifest = {
-        "checkpoint": os.path.abspath(checkpoint),
-        "source": os.path.abspath(source.root) if not any(c in source.root for c in "{*?") else source.root,
-        "source_format": source.format,
-        "dtype": dtype, "dim": dim, "augment": augment, "count": count,
-        "shards": files, "seconds": round(seconds, 3), "world_size": world_size,
-    }
-    manifest.update(extra or {})
-    atomic_write_json(out / EMBED_MANIFEST, manifest)
+    count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    dim = pq.ParquetFile(files[0]).schema_arrow.field("image_emb").type.list_size
+    manifest = EmbedManifest(
+        checkpoint=os.path.abspath(checkpoint),
+        source=os.path.abspath(source.root) if not any(c in source.root for c in "{*?") else source.root,
+        source_format=source.format, dtype=dtype, dim=dim, augment=augment, count=count,
+        shards=[f.name for f in files], seconds=round(seconds, 3), world_size=world_size, extra=dict(extra or {}))
+    folder.write_manifest(manifest)
     return manifest
 
 
-def read_manifest(emb_dir: str | os.PathLike) -> dict:
-    path = Path(emb_dir) / EMBED_MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{emb_dir}: no {EMBED_MANIFEST} (not a finished `safeclip embed` output)")
-    return json.loads(path.read_text())
+# ---- the stage ----------------------------------------------------------------------------
+
+@dataclass
+class EmbedRun:
+    """What `run_embed` did on this process; `manifest` on rank 0 only."""
+
+    result: EmbedResult
+    rank: int
+    world_size: int
+    manifest: EmbedManifest | None
+
+
+def run_embed(src: str, checkpoint: str | os.PathLike, out: str | os.PathLike, config: EmbedConfig, *,
+              source_format: str | None = None, csv_options: CsvOptions | None = None,
+              on_batch: Callable[[int], None] | None = None) -> EmbedRun:
+    """The `safeclip embed` stage: every pair of `src` embedded with a checkpoint into `out`,
+    one share of the shards per process under torchrun; rank 0 writes embed.json last."""
+    from ..models.checkpoint import load_checkpoint
+    from ..train.augment import eval_transform, train_transform
+
+    config.validate()
+    source = open_pairs(src, format=source_format, csv_options=csv_options)
+    model, tokenizer, image_size, _config, _state = load_checkpoint(str(checkpoint))
+    with distributed.session(config.device) as ctx:
+        device = distributed.resolve_device(config.device, ctx)
+        if config.augment:
+            torch.manual_seed(config.seed + ctx.rank)
+            transform = train_transform(image_size)
+        else:
+            transform = eval_transform(image_size)
+        result = embed_source(source, model, tokenizer, transform, out, batch_size=config.batch_size,
+                              dtype=config.dtype, num_workers=config.workers, device=str(device), rank=ctx.rank,
+                              world_size=ctx.world_size, on_batch=on_batch)
+        distributed.barrier(ctx)
+        manifest = None
+        if ctx.is_main:
+            manifest = write_manifest(out, checkpoint=str(checkpoint), source=source, dtype=config.dtype,
+                                      augment=config.augment, seconds=result.seconds, world_size=ctx.world_size,
+                                      extra={"pairs_per_second_rank0": round(result.pairs_per_second, 1),
+                                             "skips_rank0": result.skips.as_dict()})
+        return EmbedRun(result, ctx.rank, ctx.world_size, manifest)

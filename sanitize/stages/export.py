@@ -8,41 +8,13 @@ is img2dataset's layout (see `shards.py`), so open_clip's trainer reads it with
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable
 
+from ..io.artifacts import PARTITIONS, Split
 from ..io.pairs import PairSource, open_pairs
 from ..io.shards import ShardWriter, atomic_write_json
-
-PARTITIONS = ("safe", "risky")
-
-
-def partition_keys(part_dir: str | os.PathLike, partition: str) -> set[str]:
-    """All keys in PART/<partition>/*.parquet."""
-    import pyarrow.parquet as pq
-
-    if partition not in PARTITIONS:
-        raise ValueError(f"unknown partition {partition!r}; choose safe or risky")
-    folder = Path(part_dir) / partition
-    files = sorted(f for f in folder.glob("*.parquet") if not f.name.startswith("."))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no partition files (run `safeclip split` first)")
-    keys: set[str] = set()
-    for f in files:
-        keys.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
-    return keys
-
-
-def source_of_split(part_dir: str | os.PathLike) -> tuple[str | None, str | None]:
-    """(source path, format) of the pairs a split was made from, as split.json records them."""
-    split_json = Path(part_dir) / "split.json"
-    if not split_json.exists():
-        raise FileNotFoundError(f"{part_dir}: no split.json (not a finished `safeclip split` output)")
-    split = json.loads(split_json.read_text())
-    return split.get("source"), split.get("source_format")
-
 
 def export_partition(part_dir: str | os.PathLike, partition: str, out_dir: str | os.PathLike, *,
                      source: PairSource | None = None, samples_per_shard: int = 10000,
@@ -53,8 +25,11 @@ def export_partition(part_dir: str | os.PathLike, partition: str, out_dir: str |
     has (`missing_from_source`), so the caller can report them."""
     if partition not in PARTITIONS:
         raise ValueError(f"unknown partition {partition!r}; choose safe or risky")
-    path, fmt = source_of_split(part_dir)  # also checks that PART is a finished split
-    keys = partition_keys(part_dir, partition)
+    split = Split(part_dir)
+    path, fmt = split.source()  # also checks that PART is a finished split
+    keys = split.key_set(partition)
+    if not split.files(partition):
+        raise FileNotFoundError(f"{split.partition_dir(partition)}: no partition files (run `safeclip split` first)")
     if source is None:
         if not path:
             raise ValueError(f"{part_dir}/split.json does not record its source; pass it with --source")

@@ -127,7 +127,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         from ..models.factory import resolve_config
-        from .split import parse_schedule
+        from ..defenses.schedule import parse_schedule
 
         if self.defense not in DEFENSES:
             raise ValueError(f"unknown defense {self.defense!r}; choose one of {', '.join(DEFENSES)}")

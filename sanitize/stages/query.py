@@ -17,7 +17,6 @@ EXPLAIN), so a query cannot write files, attach databases or load extensions.
 from __future__ import annotations
 
 import glob
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..io.artifacts import Split, is_poison_manifest, parquet_files, poison_manifest_path
+
 READ_STATEMENTS = ("SELECT", "EXPLAIN")
-TRUTH_FILE = "manifest.parquet"
 
 
 class QueryError(Exception):
@@ -46,7 +46,7 @@ class Sources:
 
 
 def _parquet_files(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith("."))
+    return [str(p) for p in parquet_files(folder)]
 
 
 def _columns(path: str) -> list[str]:
@@ -70,12 +70,12 @@ def find_meta(source_dir: Path) -> list[str]:
     sidecars = [f for f in files if os.path.exists(f[: -len(".parquet")] + ".tar")]
     if sidecars:
         return sidecars
-    return [f for f in files if os.path.basename(f) != TRUTH_FILE and "key" in _columns(f)]
+    return [f for f in files if not is_poison_manifest(f) and "key" in _columns(f)]
 
 
 def _expand(path: str) -> list[str]:
     if os.path.isdir(path):
-        return [f for f in _parquet_files(Path(path)) if os.path.basename(f) != TRUTH_FILE]
+        return [f for f in _parquet_files(Path(path)) if not is_poison_manifest(f)]
     matches = sorted(glob.glob(path))
     if not matches:
         raise FileNotFoundError(f"{path}: no such file")
@@ -87,14 +87,12 @@ def locate(part: str | os.PathLike, meta: str | None = None, truth: str | None =
     root = Path(part)
     if not root.is_dir():
         raise FileNotFoundError(f"{part}: no such split folder")
-    safe, risky = _parquet_files(root / "safe"), _parquet_files(root / "risky")
+    split = Split(root)
+    safe, risky = _parquet_files(split.partition_dir("safe")), _parquet_files(split.partition_dir("risky"))
     if not safe or not risky:
         raise FileNotFoundError(f"{part}: not a split (no safe/*.parquet and risky/*.parquet); "
                                 "run `safeclip split` first")
-    try:
-        info = json.loads((root / "split.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        info = {}
+    info = split.info()
     found = Sources(safe, risky)
     source_dir = _source_dir(info)
     if meta is not None:
@@ -105,8 +103,8 @@ def locate(part: str | os.PathLike, meta: str | None = None, truth: str | None =
         if not os.path.isfile(truth):
             raise FileNotFoundError(f"{truth}: no such poison manifest")
         found.truth = truth
-    elif source_dir is not None and (source_dir / TRUTH_FILE).is_file():
-        found.truth = str(source_dir / TRUTH_FILE)
+    elif source_dir is not None and poison_manifest_path(source_dir).is_file():
+        found.truth = str(poison_manifest_path(source_dir))
     if not found.meta:
         found.notes.append("no `meta` view (no img2dataset sidecar Parquet found; use --meta)")
     if found.truth is None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..defenses.gmm import Mixture, density
+from ..evaluation.evaluate import split_detection
+from ..io.artifacts import Split
 from .query import connect, locate, view_names
 
 SAFE_COLOUR, RISKY_COLOUR = "#3a9d5d", "#d1495b"
@@ -71,29 +72,6 @@ def _histogram(con, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for b, part, n in rows:
         (safe if part == "safe" else risky)[max(0, b)] += n
     return edges, safe, risky
-
-
-def _detection(con) -> list[dict]:
-    """Recall / precision of each attack's poisons (and of noise) in the risky set."""
-    n_risky = con.execute("SELECT count(*) FROM risky").fetchall()[0][0]
-    rows = con.execute("""
-        SELECT CASE WHEN t.kind = 'poison' THEN coalesce(t.attack, 'poison') ELSE t.kind END AS name,
-               t.kind, count(*) AS total, count(*) FILTER (WHERE p.partition = 'risky') AS in_risky
-        FROM pairs p JOIN truth t USING (key)
-        WHERE t.kind IS DISTINCT FROM 'clean'
-        GROUP BY ALL ORDER BY t.kind DESC, name""").fetchall()
-    out = []
-    for name, kind, total, in_risky in rows:
-        out.append({"name": name, "kind": kind, "total": total, "in_risky": in_risky, "in_safe": total - in_risky,
-                    "recall": in_risky / total if total else None,
-                    "precision": in_risky / n_risky if n_risky else None})
-    poisons = [r for r in out if r["kind"] == "poison"]
-    if len(poisons) > 1:
-        total, in_risky = sum(r["total"] for r in poisons), sum(r["in_risky"] for r in poisons)
-        out.insert(len(poisons), {"name": "all poisons", "kind": "poison", "total": total, "in_risky": in_risky,
-                                  "in_safe": total - in_risky, "recall": in_risky / total,
-                                  "precision": in_risky / n_risky if n_risky else None})
-    return out
 
 
 def _most_risky(con, part: str, top: int, with_truth: bool) -> list[RiskyPair]:
@@ -156,10 +134,7 @@ def attach_thumbnails(pairs: list[RiskyPair], source: str | None, source_format:
 def gather(part: str | os.PathLike, top: int = 24, bins: int = 60, thumb_px: int = 96,
            meta: str | None = None, truth: str | None = None) -> ReportData:
     part = str(part)
-    split_json = Path(part) / "split.json"
-    if not split_json.exists():
-        raise FileNotFoundError(f"{part}: no split.json; run `safeclip split` first")
-    manifest = json.loads(split_json.read_text())
+    manifest = Split(part).manifest().to_json()
     con = connect(part, meta=meta, truth=truth)
     with_truth = "truth" in view_names(con)
     edges, safe, risky = _histogram(con, bins)
@@ -168,7 +143,7 @@ def gather(part: str | os.PathLike, top: int = 24, bins: int = 60, thumb_px: int
     note = attach_thumbnails(pairs, manifest.get("source"), manifest.get("source_format"), thumb_px)
     if note:
         notes.append(note)
-    detection = _detection(con) if with_truth else None
+    detection = split_detection(part, truth)["rows"] if with_truth else None
     if not with_truth:
         notes.append("no poison manifest found beside the source (pass --truth) — detection metrics omitted")
     return ReportData(manifest, edges, safe, risky, pairs, detection, notes)

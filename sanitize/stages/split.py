@@ -46,11 +46,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..defenses.gmm import clean_log_odds, fit_mixture, posterior_from_log_odds
-from ..io.shards import atomic_write_json
+from ..defenses.schedule import Schedule, parse_schedule, plan_split
+from ..io.artifacts import PARTITIONS, Embeddings, Split, SplitManifest
 
 T = TypeVar("T")
-SCHEDULES = ("safeclip", "fraction", "threshold")
-PARTITIONS = ("safe", "risky")
 DEFAULT_FIT_SAMPLE = 1_000_000
 BATCH_ROWS = 65_536
 
@@ -67,113 +66,12 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 
 
-# ---- the ratio schedule -------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Schedule:
-    """A parsed SPEC. `spec` keeps the user's text for the manifest."""
-
-    kind: str
-    spec: str
-    threshold: float = 0.9
-    step: float = 0.01
-    cap: float = 0.85
-    fraction: float | None = None
-    r0: float | None = None
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-def _number(text: str, name: str, spec: str, lo: float = 0.0, hi: float = 1.0) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"ratio schedule {spec!r}: {name} must be a number, got {text!r}") from None
-    if not (lo <= value <= hi) or math.isnan(value):
-        raise ValueError(f"ratio schedule {spec!r}: {name} must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def parse_schedule(spec: str) -> Schedule:
-    """Parse `safeclip[:k=v,...]`, `fraction:F` or `threshold:T` (see the module doc)."""
-    text = spec.strip()
-    name, _, args = text.partition(":")
-    name = name.strip().lower()
-    if name not in SCHEDULES:
-        raise ValueError(f"ratio schedule {spec!r}: unknown kind {name!r}; use one of "
-                         "safeclip[:threshold=T,step=S,cap=C,r0=R], fraction:F, threshold:T")
-    if name in ("fraction", "threshold"):
-        if not args.strip():
-            raise ValueError(f"ratio schedule {spec!r}: {name} needs a value, e.g. {name}:0.3")
-        value = _number(args.strip(), name, spec)
-        return (Schedule("fraction", text, fraction=value) if name == "fraction"
-                else Schedule("threshold", text, threshold=value))
-    params: dict[str, float] = {}
-    for item in filter(None, (a.strip() for a in args.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip().lower()
-        if not eq or key not in ("threshold", "step", "cap", "r0"):
-            raise ValueError(f"ratio schedule {spec!r}: expected threshold=, step=, cap= or r0=, got {item!r}")
-        if key in params:
-            raise ValueError(f"ratio schedule {spec!r}: {key} given twice")
-        params[key] = _number(value.strip(), key, spec)
-    return Schedule("safeclip", text, **params)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How many pairs are safe at this epoch, and why."""
-
-    n_safe: int
-    ratio: float          # the schedule's target share of safe pairs
-    r0: float | None      # SafeCLIP's start ratio (None for the other kinds)
-    r0_source: str | None
-
-
-def round_count(ratio: float, n: int) -> int:
-    """ratio * n rounded half up: the number of pairs a share stands for."""
-    return min(n, max(0, int(math.floor(ratio * n + 0.5))))
-
-
-def plan_split(schedule: Schedule, epoch: int, p_clean: np.ndarray, previous_r0: float | None = None,
-               previous_source: str | None = None) -> Plan:
-    """Apply the schedule at `epoch` to this fit's posteriors."""
-    n = int(p_clean.size)
-    if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch}")
-    at_threshold = int(np.count_nonzero(p_clean >= schedule.threshold))
-    if schedule.kind == "threshold":
-        return Plan(at_threshold, at_threshold / n if n else 0.0, None, None)
-    if schedule.kind == "fraction":
-        return Plan(round_count(schedule.fraction, n), schedule.fraction, None, None)
-    if epoch == 0:
-        r0 = at_threshold / n if n else 0.0
-        return Plan(at_threshold, r0, r0, f"this fit at p_clean >= {schedule.threshold}")
-    if schedule.r0 is not None:
-        r0, source = schedule.r0, "the schedule spec"
-    elif previous_r0 is not None:
-        r0, source = previous_r0, f"previous split {previous_source}"
-    else:
-        r0 = at_threshold / n if n else 0.0
-        source = f"this fit at p_clean >= {schedule.threshold} (no --previous split given)"
-    ratio = min(schedule.cap, r0 + epoch * schedule.step)
-    return Plan(round_count(ratio, n), ratio, r0, source)
-
-
 def read_previous_r0(part: str | os.PathLike) -> tuple[float, str]:
     """The start ratio recorded in an earlier split's split.json."""
-    path = Path(part) / "split.json" if Path(part).is_dir() else Path(part)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no split.json in the previous split") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: unreadable split.json ({exc})") from None
-    r0 = manifest.get("r0")
-    if r0 is None:
-        raise ValueError(f"{path}: that split has no start ratio r0 (it did not use the safeclip schedule)")
-    return float(r0), str(path.parent)
+    manifest = Split(part).manifest()
+    if manifest.r0 is None:
+        raise ValueError(f"{part}: that split has no start ratio r0 (it did not use the safeclip schedule)")
+    return float(manifest.r0), str(part)
 
 
 # ---- reading embedding files -----------------------------------------------------
@@ -188,10 +86,9 @@ class EmbFile:
 
 def list_emb_files(emb: str | os.PathLike) -> list[EmbFile]:
     """The complete embedding files in EMB (dotfiles are unfinished temp files)."""
-    root = Path(emb)
-    if not root.is_dir():
+    if not Path(emb).is_dir():
         raise FileNotFoundError(f"{emb}: no such folder of embedding files")
-    files = sorted(p for p in root.glob("*.parquet") if not p.name.startswith("."))
+    files = Embeddings(emb).files()
     if not files:
         raise FileNotFoundError(f"{emb}: no embedding files (*.parquet); run `safeclip embed` first")
     out = []
@@ -206,15 +103,6 @@ def list_emb_files(emb: str | os.PathLike) -> list[EmbFile]:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; is this an embed output?")
         out.append(EmbFile(str(path), path.stem, meta.metadata.num_rows, "url" in names))
     return out
-
-
-def read_embed_info(emb: str | os.PathLike) -> dict:
-    """EMB/embed.json (source path, format, checkpoint), or {} when absent."""
-    path = Path(emb) / "embed.json"
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def _similarities_and_keys(files: list[EmbFile], track) -> tuple[np.ndarray, pa.ChunkedArray]:
@@ -332,20 +220,20 @@ RANKINGS: dict[str, tuple[Callable[[RankInputs], Ranked], Callable[[Mapping | No
 
 @dataclass
 class SplitResult:
-    manifest: dict
+    manifest: SplitManifest
     out: str
     warnings: list[str] = field(default_factory=list)
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    if (out / "split.json").exists() and not force:
-        raise FileExistsError(f"{out}: already holds a split (split.json); use --force to replace it")
+def _prepare_out(out: Split, force: bool) -> None:
+    if out.is_finished() and not force:
+        raise FileExistsError(f"{out.root}: already holds a split ({Split.MANIFEST}); use --force to replace it")
     for part in PARTITIONS:
-        (out / part).mkdir(parents=True, exist_ok=True)
-    # split.json goes first so a half-rewritten folder never looks complete.
-    (out / "split.json").unlink(missing_ok=True)
+        out.partition_dir(part).mkdir(parents=True, exist_ok=True)
+    # The manifest goes first so a half-rewritten folder never looks complete.
+    out.manifest_path.unlink(missing_ok=True)
     for part in PARTITIONS:
-        for stale in (out / part).glob("*.parquet"):
+        for stale in out.partition_dir(part).glob("*.parquet"):
             stale.unlink()
 
 
@@ -401,6 +289,83 @@ def draw_fit_sample(similarity: np.ndarray, finite: np.ndarray, size: int, seed:
     return usable[np.sort(pick)]
 
 
+@dataclass
+class _Ranking:
+    """One fit and ranking of every pair: what the partitions and the manifest are made from."""
+
+    similarity: np.ndarray
+    finite: np.ndarray
+    p_clean: np.ndarray
+    rank: np.ndarray          # position of each row in the ranking, 0 = most clean
+    safe_rows: np.ndarray
+    n_safe: int
+    plan: Any
+    mixture: Any
+    fit_sample: int
+    extra: dict
+    warnings: list[str]
+    timing: dict
+
+
+def _fit_and_rank(files: list[EmbFile], schedule: Schedule, epoch: int, fit_sample: int, seed: int,
+                  previous_r0, previous_source, strategy, options, track) -> _Ranking:
+    """Read the similarities, fit the mixture, apply the schedule and rank (pass 1 of 2)."""
+    t0 = time.perf_counter()
+    warnings: list[str] = []
+    similarity, keys = _similarities_and_keys(files, track)
+    n = similarity.size
+    finite = np.isfinite(similarity)
+    n_bad = int(n - np.count_nonzero(finite))
+    if n_bad:
+        warnings.append(f"{n_bad} pairs without a finite similarity were put in the risky set")
+    t_read = time.perf_counter()
+
+    sample = draw_fit_sample(similarity, finite, fit_sample, seed)
+    mixture = fit_mixture(sample, seed=seed)
+    t_fit = time.perf_counter()
+
+    log_odds = clean_log_odds(similarity, mixture)
+    if n_bad:
+        log_odds[~finite] = -np.inf
+    p_clean = posterior_from_log_odds(log_odds)
+    plan = plan_split(schedule, epoch, p_clean, previous_r0, previous_source)
+    if plan.n_safe > n - n_bad:  # fraction:1 or threshold:0 must not make unscored pairs safe
+        plan = dataclasses.replace(plan, n_safe=n - n_bad)
+    ranked = strategy(RankInputs(log_odds, np.where(finite, similarity, -np.inf), keys, files, seed,
+                                 plan.n_safe, options, track))
+    warnings.extend(ranked.warnings)
+    rank = np.empty(n, dtype=np.int64)
+    rank[ranked.order] = np.arange(n, dtype=np.int64)
+    timing = {"read": t_read - t0, "fit": t_fit - t_read, "rank": time.perf_counter() - t_fit}
+    return _Ranking(similarity, finite, p_clean, rank, ranked.order[:plan.n_safe], plan.n_safe, plan, mixture,
+                    int(sample.size), ranked.manifest, warnings, timing)
+
+
+def _manifest(emb: str | os.PathLike, files: list[EmbFile], schedule: Schedule, epoch: int, seed: int,
+              ranking: str, r: _Ranking, warnings: list[str], timing: dict) -> SplitManifest:
+    n, n_safe = r.similarity.size, r.n_safe
+    if n_safe == 0 and n:
+        warnings.append("no pair is safe (none reached the schedule's cut); is the model warmed up?")
+    below_at = r.mixture.monotone_below
+    if below_at is not None and np.any(r.similarity[r.finite] < below_at):
+        below = int(np.count_nonzero(r.similarity[r.finite] < below_at))
+        warnings.append(f"{below} pairs lie below similarity {below_at:.4f}, where p_clean "
+                        "rises again (the clean component is wider); see docs/split.md")
+    info = Embeddings(emb).info()
+    return SplitManifest(
+        epoch=epoch, schedule=schedule.as_dict(), ratio=r.plan.ratio, r0=r.plan.r0, r0_source=r.plan.r0_source,
+        threshold=schedule.threshold if schedule.kind != "fraction" else None,
+        p_clean_cutoff=float(r.p_clean[r.safe_rows].min()) if n_safe else None,
+        similarity_cutoff=float(r.similarity[r.safe_rows].min()) if n_safe else None,
+        counts={"total": n, "safe": n_safe, "risky": n - n_safe, "no_similarity": int(n - r.finite.sum()),
+                "safe_share": n_safe / n if n else 0.0},
+        mixture=r.mixture.as_dict(), fit_sample=r.fit_sample, seed=seed, ranking=ranking,
+        emb=os.path.abspath(emb), source=info.get("source"), source_format=info.get("source_format"),
+        checkpoint=info.get("checkpoint"),
+        input_files=[{"name": os.path.basename(f.path), "rows": f.rows} for f in files],
+        warnings=warnings, timing_s={k: round(v, 3) for k, v in timing.items()}, extra=r.extra)
+
+
 def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | str, epoch: int = 0,
           fit_sample: int = DEFAULT_FIT_SAMPLE, seed: int = 0, previous: str | os.PathLike | None = None,
           ranking: str = "global", ranking_options: Mapping | None = None, force: bool = False,
@@ -418,8 +383,8 @@ def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | s
     previous_r0, previous_source = (read_previous_r0(previous) if previous is not None
                                     and schedule.kind == "safeclip" and epoch > 0 else (None, None))
     files = list_emb_files(emb)
-    out = Path(out)
-    _prepare_out(out, force)
+    folder = Split(out)
+    _prepare_out(folder, force)
     warnings: list[str] = []
     if previous is not None and previous_r0 is None:
         warnings.append("--previous is only used by the safeclip schedule at epoch >= 1; ignored")
@@ -427,73 +392,13 @@ def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | s
         warnings.append(f"ranking options {', '.join(sorted(ranking_options))} are not used by the "
                         f"{ranking} ranking; ignored")
 
-    similarity, keys = _similarities_and_keys(files, track)
-    n = similarity.size
-    finite = np.isfinite(similarity)
-    n_bad = int(n - np.count_nonzero(finite))
-    if n_bad:
-        warnings.append(f"{n_bad} pairs without a finite similarity were put in the risky set")
-    n_usable = n - n_bad
-    t_read = time.perf_counter()
-
-    sample = draw_fit_sample(similarity, finite, fit_sample, seed)
-    mixture = fit_mixture(sample, seed=seed)
-    t_fit = time.perf_counter()
-
-    log_odds = clean_log_odds(similarity, mixture)
-    if n_bad:
-        log_odds[~finite] = -np.inf
-    p_clean = posterior_from_log_odds(log_odds)
-    plan = plan_split(schedule, epoch, p_clean, previous_r0, previous_source)
-    if plan.n_safe > n_usable:  # fraction:1 or threshold:0 must not make unscored pairs safe
-        plan = dataclasses.replace(plan, n_safe=n_usable)
-    ranked = strategy(RankInputs(log_odds, np.where(finite, similarity, -np.inf), keys, files, seed,
-                                 plan.n_safe, options, track))
-    order = ranked.order
+    ranked = _fit_and_rank(files, schedule, epoch, fit_sample, seed, previous_r0, previous_source, strategy,
+                           options, track)
     warnings.extend(ranked.warnings)
-    del keys
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n, dtype=np.int64)
-    safe_rows = order[:plan.n_safe]
-    del order
-    t_rank = time.perf_counter()
-
-    _write_partitions(files, out, p_clean, rank, plan.n_safe, epoch, plan.ratio, track)
     t_write = time.perf_counter()
-
-    if plan.n_safe == 0 and n:
-        warnings.append("no pair is safe (none reached the schedule's cut); is the model warmed up?")
-    if mixture.monotone_below is not None and np.any(similarity[finite] < mixture.monotone_below):
-        below = int(np.count_nonzero(similarity[finite] < mixture.monotone_below))
-        warnings.append(f"{below} pairs lie below similarity {mixture.monotone_below:.4f}, where p_clean "
-                        "rises again (the clean component is wider); see docs/split.md")
-    info = read_embed_info(emb)
-    manifest = {
-        "schema": "safeclip.split/1",
-        "epoch": epoch,
-        "schedule": schedule.as_dict(),
-        "ratio": plan.ratio,
-        "r0": plan.r0,
-        "r0_source": plan.r0_source,
-        "threshold": schedule.threshold if schedule.kind != "fraction" else None,
-        "p_clean_cutoff": float(p_clean[safe_rows].min()) if plan.n_safe else None,
-        "similarity_cutoff": float(similarity[safe_rows].min()) if plan.n_safe else None,
-        "counts": {"total": n, "safe": plan.n_safe, "risky": n - plan.n_safe,
-                   "no_similarity": n_bad, "safe_share": plan.n_safe / n if n else 0.0},
-        "mixture": mixture.as_dict(),
-        "fit_sample": int(sample.size),
-        "seed": seed,
-        "ranking": ranking,
-        **ranked.manifest,
-        "emb": os.path.abspath(emb),
-        "source": info.get("source"),
-        "source_format": info.get("source_format", info.get("format")),
-        "checkpoint": info.get("checkpoint"),
-        "input_files": [{"name": os.path.basename(f.path), "rows": f.rows} for f in files],
-        "warnings": warnings,
-        "timing_s": {"read": round(t_read - t0, 3), "fit": round(t_fit - t_read, 3),
-                     "rank": round(t_rank - t_fit, 3), "write": round(t_write - t_rank, 3),
-                     "total": round(time.perf_counter() - t0, 3)},
-    }
-    atomic_write_json(out / "split.json", manifest)
-    return SplitResult(manifest, str(out), warnings)
+    _write_partitions(files, folder.root, ranked.p_clean, ranked.rank, ranked.n_safe, epoch, ranked.plan.ratio,
+                      track)
+    timing = {**ranked.timing, "write": time.perf_counter() - t_write, "total": time.perf_counter() - t0}
+    manifest = _manifest(emb, files, schedule, epoch, seed, ranking, ranked, warnings, timing)
+    folder.write_manifest(manifest)
+    return SplitResult(manifest, str(folder.root), warnings)

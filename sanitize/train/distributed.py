@@ -8,10 +8,11 @@ training code has one path.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,38 @@ def init(device: str = "auto", timeout_minutes: int = 180) -> Dist:
         dist.init_process_group("nccl" if use_cuda else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+@contextlib.contextmanager
+def session(device: str = "auto") -> Iterator[Dist]:
+    """`init` for a stage's whole run: the process group it joined is left on the way
+    out (also after an error), so a stage is one call under torchrun too."""
+    joined = not dist.is_initialized()
+    ctx = init(device)
+    try:
+        yield ctx
+    finally:
+        if ctx.enabled and joined and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(device: str, ctx: Dist | None = None) -> torch.device:
+    """`auto` -> cuda when there is one, else cpu; under torchrun each rank takes its
+    local GPU. A CUDA device without CUDA, or a name torch does not know, is a
+    ValueError with one line."""
+    ctx = ctx or Dist()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}, but no CUDA device is available")
+        if parsed.index is None and ctx.enabled:
+            parsed = torch.device(f"cuda:{ctx.local_rank}")
+    return parsed
 
 
 def barrier(ctx: Dist) -> None:
