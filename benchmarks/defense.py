@@ -37,34 +37,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
-ATTACKS = ("targeted", "badnet", "blended", "wanet", "label-consistent", "all")
-DEFENSES = ("none", "safeclip", "safeclip-balanced", "clip-score")
-# Ablations: run on request, shown in the table only once run.
-VARIANTS = ("safeclip-plain", "safeclip-sft", "safeclip-cap95")
-BACKDOOR_TARGET = "trouser"
-BACKDOOR_COUNT = 150  # 0.25% of 60k, as in the issue's BadNet setting
-DEFAULT_EPOCHS = 5  # the table's epochs; other counts are kept apart (cell_name, run folder)
+from sanitize.io.artifacts import Run, kinds_by_key, poison_manifest_path, warmup_finished  # noqa: F401
 
-# How each attack is injected (poison command options after SRC --out DIR).
-ATTACK_OPTIONS = {
-    "targeted": ["--attack", "targeted", "--targets", "16", "--copies", "25", "--target-source", "{data}/test"],
-    "badnet": ["--attack", "badnet", "--target-class", BACKDOOR_TARGET, "--count", str(BACKDOOR_COUNT)],
-    "blended": ["--attack", "blended", "--target-class", BACKDOOR_TARGET, "--count", str(BACKDOOR_COUNT)],
-    "wanet": ["--attack", "wanet", "--target-class", BACKDOOR_TARGET, "--count", str(BACKDOOR_COUNT)],
-    "label-consistent": ["--attack", "label-consistent", "--target-class", BACKDOOR_TARGET,
-                         "--count", str(BACKDOOR_COUNT)],
-}
-DEFENSE_OPTIONS = {
-    "none": ["--defense", "none"],
-    "safeclip": ["--defense", "safeclip"],
-    "safeclip-balanced": ["--defense", "safeclip", "--ranking", "balanced"],
-    "clip-score": ["--defense", "clip-score", "--ratio-schedule", "fraction:0.3"],
-    "safeclip-plain": ["--defense", "safeclip", "--clip-views", "plain"],  # safe set as plain CLIP pairs
-    "safeclip-sft": ["--defense", "safeclip", "--score-from-training"],  # no separate scoring pass
-    # the paper's schedule caps the safe share at 85%; does the risky rest cost accuracy?
-    "safeclip-cap95": ["--defense", "safeclip", "--ratio-schedule", "safeclip:step=0.01,cap=0.95"],
-}
-
+from cells import (ATTACK_OPTIONS, ATTACKS, DEFAULT_EPOCHS, DEFENSE_OPTIONS, DEFENSES, VARIANTS,  # noqa: F401
+                   cell_name, run_folder)
 
 def safeclip() -> list[str]:
     exe = shutil.which("safeclip")
@@ -99,7 +75,7 @@ def ensure_data(work: Path, log: list[dict], output: TextIO | None = None) -> Pa
 
 def ensure_poisoned(work: Path, data: Path, attack: str, log: list[dict], output: TextIO | None = None) -> Path:
     out = work / "poisoned" / attack
-    cached = (out / "manifest.parquet").exists()
+    cached = poison_manifest_path(out).exists()
     steps = list(ATTACK_OPTIONS) if attack == "all" else [attack]
     src = data / "train"
     for i, step in enumerate(steps):
@@ -112,15 +88,15 @@ def ensure_poisoned(work: Path, data: Path, attack: str, log: list[dict], output
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
-    checkpoints = sorted((run_dir / "checkpoints").glob("epoch_*.pt"))
-    if not checkpoints:
+    checkpoint = Run(run_dir).latest_checkpoint()
+    if checkpoint is None:
         raise SystemExit(f"{run_dir}: no checkpoint; did pretrain finish?")
-    return checkpoints[-1]
+    return checkpoint
 
 
 def first_split(run_dir: Path) -> Path | None:
-    splits = sorted((run_dir / "splits").glob("epoch=*"), key=lambda p: int(p.name.split("=")[1]))
-    return splits[0] if splits else None
+    epochs = Run(run_dir).split_epochs()
+    return Run(run_dir).split(epochs[0]).root if epochs else None
 
 
 def similarity_histogram(run_dir: Path, poisoned: Path, bins: int = 60) -> dict | None:
@@ -130,63 +106,43 @@ def similarity_histogram(run_dir: Path, poisoned: Path, bins: int = 60) -> dict 
     import numpy as np
     import pyarrow.parquet as pq
 
-    split = first_split(run_dir)
-    if split is None:
+    run = Run(run_dir)
+    epochs = run.split_epochs()
+    if not epochs:
         return None
-    scores = run_dir / "scores" / split.name
     similarity = {}
-    for path in sorted(p for p in scores.glob("*.parquet") if not p.name.startswith(".")):
+    for path in run.scores(epochs[0]).files():
         table = pq.ParquetFile(path).read(columns=["key", "similarity"])
         similarity.update(zip(table.column("key").to_pylist(), table.column("similarity").to_numpy()))
     groups: dict[str, list[float]] = {}
-    for key, kind in _kinds(poisoned).items():
+    for key, kind in kinds_by_key(poison_manifest_path(poisoned)).items():
         if key in similarity:
             groups.setdefault(kind, []).append(float(similarity[key]))
-    safe = [p for p in (split / "safe").glob("*.parquet") if not p.name.startswith(".")]
-    # file by file: the folder name epoch=K would otherwise be read as a second `epoch` column
-    safe_keys = {k for f in safe for k in pq.ParquetFile(f).read(columns=["key"]).column("key").to_pylist()}
+    safe_keys = run.split(epochs[0]).key_set("safe")
     values = np.array(list(similarity.values()), dtype=np.float64)
     edges = np.linspace(values.min(), values.max(), bins + 1)
-    return {"split": split.name, "edges": [round(float(e), 5) for e in edges],
+    return {"split": f"epoch={epochs[0]}", "edges": [round(float(e), 5) for e in edges],
             "counts": {name: np.histogram(v, edges)[0].tolist() for name, v in sorted(groups.items())},
             "lowest_safe": min((float(similarity[k]) for k in safe_keys), default=None)}
-
-
-def _kinds(poisoned: Path) -> dict[str, str]:
-    """key -> clean, noise, or the attack that made the pair (from the poison manifest)."""
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(poisoned / "manifest.parquet", columns=["key", "attack", "kind"]).to_pylist()
-    return {r["key"]: r["attack"] if r["kind"] == "poison" else r["kind"] for r in rows}
 
 
 def safe_leaks(run_dir: Path, poisoned: Path) -> list[dict]:
     """Every split of the run: safe-set size and its pairs that are not clean, by kind:
     the poisons each epoch's CLIP loss actually trained on."""
-    import pyarrow.parquet as pq
-
-    kinds = _kinds(poisoned)
+    kinds = kinds_by_key(poison_manifest_path(poisoned))
+    run = Run(run_dir)
     out = []
-    for split in sorted((run_dir / "splits").glob("epoch=*"), key=lambda p: int(p.name.split("=")[1])):
+    for epoch in run.split_epochs():
         counts: dict[str, int] = {}
         safe = 0
-        for path in sorted(p for p in (split / "safe").glob("*.parquet") if not p.name.startswith(".")):
-            for key in pq.ParquetFile(path).read(columns=["key"]).column("key").to_pylist():
+        for keys in run.split(epoch).keys("safe").values():
+            for key in keys:
                 safe += 1
                 kind = kinds.get(key, "clean")
                 if kind != "clean":
                     counts[kind] = counts.get(kind, 0) + 1
-        out.append({"split": split.name, "safe": safe, "not_clean": dict(sorted(counts.items()))})
+        out.append({"split": f"epoch={epoch}", "safe": safe, "not_clean": dict(sorted(counts.items()))})
     return out
-
-
-def cell_name(attack: str, defense: str, epochs: int) -> str:
-    """Results file stem: `badnet__safeclip`, or `badnet__safeclip__10_epochs` off the default."""
-    return f"{attack}__{defense}" + ("" if epochs == DEFAULT_EPOCHS else f"__{epochs}_epochs")
-
-
-def run_folder(work: Path, attack: str, defense: str, epochs: int) -> Path:
-    return work / "runs" / attack / (defense if epochs == DEFAULT_EPOCHS else f"{defense}-e{epochs}")
 
 
 def asr_by_epoch(run_dir: Path, data: Path, poisoned: Path, log: list[dict],
@@ -195,8 +151,9 @@ def asr_by_epoch(run_dir: Path, data: Path, poisoned: Path, log: list[dict],
     (no probe; the first two are the warm-up's), so the cell shows when a backdoor takes,
     or that it never does. The last epoch is the cell's own full eval."""
     by_epoch = {}
-    for checkpoint in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[:-1]:
-        epoch = int(checkpoint.stem.split("_")[1]) + 1  # epoch_0003.pt = after 4 epochs
+    run_folder_ = Run(run_dir)
+    for saved in run_folder_.saved_epochs()[:-1]:
+        checkpoint, epoch = run_folder_.checkpoint(saved), saved + 1  # epoch_0003.pt = after 4 epochs
         if epoch < 3:  # (a run that adopted a warm-up has no checkpoints of its own before 3)
             continue
         out = run_dir / f"eval_{checkpoint.stem}.json"
@@ -216,16 +173,6 @@ def shares_warmup(defense: str) -> bool:
     return defense not in ("none", "safeclip")
 
 
-def warmup_finished(checkpoint: Path) -> bool:
-    """Whether a run's warm-up is complete: its stats file, written once the warm-up
-    loop ends, says finished (the checkpoint itself is rewritten after every epoch)."""
-    stats = checkpoint.with_name(checkpoint.stem + "_stats.json")
-    try:
-        return bool(json.loads(stats.read_text()).get("finished"))
-    except (OSError, ValueError):
-        return False
-
-
 def run_cell(work: Path, attack: str, defense: str, epochs: int, output: TextIO | None = None,
              pretrain_args: tuple[str, ...] = ()) -> dict:
     """Train and evaluate one cell (or rebuild it from its cached run) and write its JSON.
@@ -242,11 +189,11 @@ def run_cell(work: Path, attack: str, defense: str, epochs: int, output: TextIO 
              *pretrain_args]
     # The warm-up depends on the data and the preset only: the other warm-up defenses of
     # an attack take the safeclip cell's (identical) warm-up instead of training it again.
-    shared = run_folder(work, attack, "safeclip", epochs) / "warmup.pt"
+    shared = Run(run_folder(work, attack, "safeclip", epochs)).warmup
     shared_warmup = shares_warmup(defense) and warmup_finished(shared)
     if shared_warmup:
         train += ["--warmup-from", str(shared)]
-    if (run_dir / "pretrain_stats.json").exists():  # finished earlier: evaluate again only
+    if Run(run_dir).stats.exists():  # finished earlier: evaluate again only
         run(train, log, cached=True, output=output)
     elif run_dir.exists():
         train.append("--resume")
@@ -268,7 +215,7 @@ def run_cell(work: Path, attack: str, defense: str, epochs: int, output: TextIO 
         run(evaluate, log, output=output)
     by_epoch = asr_by_epoch(run_dir, data, poisoned, log, output) if long_run else None
     # Training time from the run's own per-epoch metrics, so it survives resumes and re-evaluations.
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = Run(run_dir).read_metrics()
     warmup_seconds = sum(r["seconds"] for r in records if r.get("stage") == "warmup")
     phase3_seconds = sum(r["seconds"]["total"] for r in records if r.get("stage") == "pretrain")
     train_seconds = round(phase3_seconds + (0.0 if shared_warmup else warmup_seconds), 1)
@@ -337,7 +284,7 @@ def run_parallel(work: Path, cells: list[tuple[str, str]], epochs: int, jobs: in
         name = cell_name(attack, defense, epochs)
         provider = warmup_provider(cell, cells)
         if provider is not None:
-            warmup = run_folder(work, *provider, epochs) / "warmup.pt"
+            warmup = Run(run_folder(work, *provider, epochs)).warmup
             while not warmup_finished(warmup) and provider not in done_providers:
                 time.sleep(5)
         print(f"started {name}", flush=True)

@@ -29,21 +29,15 @@ import torch
 
 def fake_warmup(run: Path, config) -> None:
     """A finished warm-up checkpoint of the seeded, untrained model (timing only)."""
-    from sanitize.models.checkpoint import rng_state, save_checkpoint
-    from sanitize.train.losses import MemoryBank
-    from sanitize.models.factory import create_model
-    from sanitize.train.optim import make_optimizer
+    from sanitize.io.artifacts import Run, side_paths
+    from sanitize.train.state import Progress, TrainState
 
     w = config.warmup
-    torch.manual_seed(w.seed)
-    model, _, _, cfg = create_model(w.model)
-    banks = {m: MemoryBank(w.memory_bank, int(cfg["embed_dim"])) for m in ("image", "text")}
+    state = TrainState.create(w.model, None, lr=w.lr, weight_decay=w.weight_decay, memory_bank=w.memory_bank,
+                              seed=w.seed, device=torch.device("cpu"))
     run.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(run / "warmup.pt", model, cfg, training_state={
-        "stage": "warmup", "warmup_config": w.to_dict(), "warmup_state": {"finished": True},
-        "optimizer": make_optimizer(model, w.lr, w.weight_decay).state_dict(),
-        "banks": {m: b.state_dict() for m, b in banks.items()}, "rng": rng_state()})
-    (run / "warmup_metrics.jsonl").write_text("")
+    state.save(Run(run).warmup, Progress("warmup", w.to_dict(), {"finished": True}, "", {}))
+    side_paths(Run(run).warmup)[0].write_text("")
 
 
 def main() -> None:
@@ -56,8 +50,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
-    from sanitize.stages.pretrain import PRESETS, PretrainConfig, run_pretrain
-    from sanitize.stages.warmup import WarmupConfig
+    from sanitize.stages.config import PRESETS, PretrainConfig, WarmupConfig
+    from sanitize.stages.pretrain import run_pretrain
 
     preset = PRESETS["cpu"]
     wcfg = WarmupConfig(model=preset["model"], unimodal_epochs=1, clip_epochs=1, batch_size=args.batch_size,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from defense import ATTACKS, DEFENSES, VARIANTS, cell_name
+from cells import ATTACKS, DEFENSES, VARIANTS, cell_name
 
 ALL_DEFENSES = DEFENSES + VARIANTS
 # An attack "took" when its ASR is at least this far above the no-trigger rate.

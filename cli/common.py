@@ -87,11 +87,12 @@ def progress_counter(total: int | None, description: str, unit: str = "pairs",
 class EpochBar:
     """Training progress: one bar per epoch with the running loss, pairs/s and lr (warmup, pretrain)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=err_console, disable=not sys.stderr.isatty())
+                                 console=err_console, disable=not (enabled and sys.stderr.isatty()))
         self.task = None
+        self.stage_task = None
         self.pairs = 0
         self.started = 0.0
         self.loss = None
@@ -115,3 +116,11 @@ class EpochBar:
         self.pairs += pairs
         rate = self.pairs / max(1e-9, time.perf_counter() - self.started)
         self.progress.update(self.task, advance=1, info=f"loss {self.loss:.3f}  {rate:,.0f} pairs/s  lr {lr:.2e}")
+
+    def stage(self, description: str, total: int) -> None:
+        """A bar for work between epochs (pretrain's scoring pass), advanced by `advance_stage`."""
+        self.stage_task = self.progress.add_task(description, total=total, info="no-grad pass")
+
+    def advance_stage(self, n: int) -> None:
+        if self.stage_task is not None:
+            self.progress.update(self.stage_task, advance=n)

@@ -132,13 +132,13 @@ def record_batch_kinds(monkeypatch) -> list[str]:
     import sanitize.stages.pretrain as pretrain_mod
 
     seen: list[str] = []
-    original = pretrain_mod.Phase3Step.__call__
+    original = pretrain_mod.Steps.__call__
 
     def call(self, batch):
         seen.append(("plain" if "image" in batch else "views") + ":" + batch["loss"])
         return original(self, batch)
 
-    monkeypatch.setattr(pretrain_mod.Phase3Step, "__call__", call)
+    monkeypatch.setattr(pretrain_mod.Steps, "__call__", call)
     return seen
 
 
@@ -256,12 +256,15 @@ def test_missing_source_fails_before_creating_the_run(tmp_path):
 
 
 def test_interleave_plan_spreads_safe_batches():
-    from sanitize.stages.pretrain import interleave_plan
+    from sanitize.train.engine import interleave_plan
 
-    plan = interleave_plan(2, 6)
+    plan = interleave_plan({"clip": 2, "unimodal": 6})
     assert plan.count("clip") == 2 and plan.count("unimodal") == 6
     assert plan[0] == "clip" and plan.index("clip", 1) >= 3  # spread out, not bunched
-    assert interleave_plan(0, 3) == ["unimodal"] * 3 and interleave_plan(2, 0) == ["clip"] * 2
+    assert interleave_plan({"clip": 0, "unimodal": 3}) == ["unimodal"] * 3
+    assert interleave_plan({"clip": 2, "unimodal": 0}) == ["clip"] * 2
+    three = interleave_plan({"a": 1, "b": 2, "c": 4})
+    assert [three.count(x) for x in "abc"] == [1, 2, 4] and three[:3] == ["a", "b", "c"]
 
 
 def test_torchrun_two_processes_split_equals_single_process(pairs_dir, tmp_path):

@@ -15,7 +15,6 @@ import numbers
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -180,6 +179,28 @@ def image_features(source, model, transform: Callable, classes: list[str], *,
         raise ValueError(f"{source.root}: no readable pairs ({source.skips.summary()})")
     return Features(keys, np.asarray(labels, dtype=np.int64), np.concatenate(parts[""]),
                     {name: np.concatenate(parts[name]) for name in variants})
+
+
+def zero_shot_top1(model, tokenizer: Callable, image_size: int, test: str, classes: str, device,
+                   batch_size: int = 256) -> dict:
+    """Top-1 zero-shot accuracy on a labelled pair source (pretrain's --eval-every)."""
+    from ..io.pairs import open_pairs
+    from ..train.augment import eval_transform
+    from .templates import load_classes, load_templates
+
+    class_set = load_classes(classes)
+    was_training = model.training
+    model.eval()
+    weights = zero_shot_weights(text_embeddings(model, tokenizer, list(class_set.prompt_names), load_templates(),
+                                                device=str(device)))
+    feats = image_features(open_pairs(test), model, eval_transform(image_size), list(class_set.names),
+                           batch_size=batch_size, device=str(device))
+    model.train(was_training)
+    known = feats.labels >= 0
+    if not known.any():
+        raise ValueError(f"{test}: no pair has a label among --eval-classes")
+    pred = predict(zero_shot_scores(feats.image[known], weights))
+    return {"zero_shot_top1": float(np.mean(pred == feats.labels[known])), "eval_pairs": int(known.sum())}
 
 
 # ---- the whole evaluation -------------------------------------------------------------

@@ -3,7 +3,8 @@ passes on. Nothing heavy is imported here, so `safeclip --help` stays fast."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 DTYPES = ("float16", "float32")
 
@@ -26,3 +27,148 @@ class EmbedConfig:
             raise ValueError("--batch-size must be >= 1")
         if self.workers < 0:
             raise ValueError("--workers must be >= 0")
+
+
+@dataclass
+class WarmupConfig:
+    """Every knob of SafeCLIP's phases 1–2 (`safeclip warmup`, and the warm-up of
+    `safeclip pretrain`); saved in the checkpoint so a resume replays it exactly."""
+
+    model: str = "safeclip-tiny-vit"
+    pretrained: str | None = None
+    unimodal_epochs: int = 5
+    clip_epochs: int = 1
+    batch_size: int = 128
+    lr: float = 5e-4
+    clip_lr_scale: float = 0.01
+    weight_decay: float = 0.1
+    warmup_steps: int | None = None     # per phase; None: 10% of the phase's steps
+    min_lr: float = 0.0
+    temperature: float = 0.1             # unimodal InfoNCE temperature (SimCLR/NNCLR's 0.1)
+    memory_bank: int = 4096              # NNCLR bank size per modality; 0 = in-batch InfoNCE
+    eda_alpha: float = 0.1
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    shuffle_buffer: int = 2000
+    precision: str = "auto"              # auto | fp32 | bf16 | fp16
+    grad_clip: float | None = None
+    seed: int = 0
+    num_workers: int = 0
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "WarmupConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "crop_scale" in values:
+            values["crop_scale"] = tuple(values["crop_scale"])
+        return cls(**values)
+
+    def validate(self) -> None:
+        if self.unimodal_epochs < 0 or self.clip_epochs < 0 or self.unimodal_epochs + self.clip_epochs == 0:
+            raise ValueError("need at least one unimodal or CLIP epoch (and none negative)")
+        if self.batch_size < 2:
+            raise ValueError("batch size must be >= 2 for contrastive losses")
+        if self.lr <= 0 or self.clip_lr_scale <= 0 or self.temperature <= 0:
+            raise ValueError("lr, clip-lr-scale and temperature must be > 0")
+        if self.memory_bank < 0:
+            raise ValueError("memory bank size must be >= 0")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError("precision must be auto, fp32, bf16 or fp16")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError("crop scale must satisfy 0 < low <= high <= 1")
+        if self.num_workers < 0:
+            raise ValueError("--workers must be >= 0")
+
+
+# Presets fill in options the user did not give. "paper": the official SafeCLIP
+# defaults. "cpu": the shipped tiny ViT sized so a run over 60k Fashion-MNIST pairs
+# fits a short CPU budget (see docs/performance.md); a larger CLIP warm-up factor
+# because one CLIP epoch of 118 steps at 0.01 x lr barely aligns the towers.
+PRESETS: dict[str, dict] = {
+    "paper": dict(model="RN50", batch_size=128, lr=5e-4, weight_decay=0.1, warmup_steps=10_000, epochs=32,
+                  unimodal_epochs=5, clip_epochs=1, clip_lr_scale=0.01, memory_bank=4096),
+    "cpu": dict(model="safeclip-tiny-vit", batch_size=512, lr=1e-3, weight_decay=0.1, warmup_steps=10, epochs=3,
+                unimodal_epochs=1, clip_epochs=1, clip_lr_scale=0.1, memory_bank=4096),
+}
+
+
+@dataclass
+class PretrainConfig:
+    """`safeclip pretrain`: phase 1–2 settings in `warmup` (a WarmupConfig, shared with
+    `safeclip warmup`), the rest is phase 3. Saved in every checkpoint so a resume replays it.
+    `ratio_schedule` None takes the defense's own default."""
+
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    epochs: int = 32
+    defense: str = "safeclip"
+    ratio_schedule: str | None = None
+    ranking: str = "global"
+    clip_views: str = "auto"
+    score_from_training: bool = False
+    fit_sample: int = 1_000_000
+    score_batch_size: int = 256
+    score_dtype: str = "float16"
+    local_loss: bool = False
+    keep: int = 2
+    eval_every: int = 0
+    eval_test: str | None = None
+    eval_classes: str = "fashion-mnist"
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "warmup"}
+        data["warmup"] = self.warmup.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PretrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"warmup"}
+        return cls(warmup=WarmupConfig.from_dict(data.get("warmup", {})),
+                   **{k: v for k, v in data.items() if k in known})
+
+    def validate(self) -> None:
+        """The checks every defense shares; `Defense.validate` adds its own."""
+        from ..defenses import make_defense
+        from ..defenses.schedule import parse_schedule
+        from ..models.factory import resolve_config
+
+        if self.warmup.batch_size < 2:
+            raise ValueError("batch size must be >= 2 for contrastive losses")
+        if self.epochs < 1:
+            raise ValueError("--epochs must be >= 1")
+        if self.ratio_schedule is not None:
+            parse_schedule(self.ratio_schedule)
+        if self.ranking not in ("global", "balanced"):
+            raise ValueError(f"unknown ranking {self.ranking!r}; choose global or balanced")
+        if self.clip_views not in ("auto", "plain", "cross"):
+            raise ValueError(f"unknown --clip-views {self.clip_views!r}; choose auto, plain or cross")
+        if self.score_dtype not in DTYPES:
+            raise ValueError(f"unknown score dtype {self.score_dtype!r}; choose float16 or float32")
+        if self.keep < 1:
+            raise ValueError("--keep must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError("--eval-every must be >= 0")
+        if self.eval_every and not self.eval_test:
+            raise ValueError("--eval-every needs --eval-test (a pair source with class labels)")
+        if self.warmup.num_workers < 0:
+            raise ValueError("--workers must be >= 0")
+        make_defense(self)  # the defense's own checks
+        resolve_config(self.warmup.model)  # unknown model: a clear error before any work
+
+    @classmethod
+    def from_options(cls, preset: str | None = None, **options) -> "PretrainConfig":
+        """A config from command-line options: the preset's value for every option left
+        None, then the dataclass defaults. Options of both WarmupConfig and this class."""
+        given = {k: v for k, v in options.items() if v is not None}
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            given = {**PRESETS[preset], **given}
+        warmup_fields = {f.name for f in dataclasses.fields(WarmupConfig)}
+        own = {f.name for f in dataclasses.fields(cls)} - {"warmup"}
+        unknown = set(given) - warmup_fields - own
+        if unknown:
+            raise TypeError(f"unknown pretrain option(s): {', '.join(sorted(unknown))}")
+        warmup = WarmupConfig(**{k: v for k, v in given.items() if k in warmup_fields})
+        return cls(warmup=warmup, **{k: v for k, v in given.items() if k in own})

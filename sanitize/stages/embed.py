@@ -99,9 +99,8 @@ def _scalar_meta(metas: list[dict]) -> dict[str, list]:
     return columns
 
 
-def embedding_table(keys: list[str], captions: list[str], metas: list[dict], image_emb: np.ndarray,
-                    text_emb: np.ndarray, dtype: str):
-    """The Parquet schema every later stage reads (see docs/pipeline.md)."""
+def embedding_columns(image_emb: np.ndarray, text_emb: np.ndarray, dtype: str) -> dict:
+    """image_emb, text_emb (fixed-size lists in `dtype`) and their cosine `similarity` (float32)."""
     import pyarrow as pa
 
     similarity = np.einsum("nd,nd->n", image_emb.astype(np.float32), text_emb.astype(np.float32))
@@ -113,18 +112,26 @@ def embedding_table(keys: list[str], captions: list[str], metas: list[dict], ima
         flat = pa.array(np.ascontiguousarray(matrix, dtype=np_dtype).reshape(-1), type=arrow_type)
         return pa.FixedSizeListArray.from_arrays(flat, dim)
 
+    return {"image_emb": vectors(image_emb), "text_emb": vectors(text_emb),
+            "similarity": pa.array(similarity.astype(np.float32), pa.float32())}
+
+
+def embedding_table(keys: list[str], captions: list[str], metas: list[dict], image_emb: np.ndarray,
+                    text_emb: np.ndarray, dtype: str):
+    """The Parquet schema every later stage reads (see docs/pipeline.md)."""
+    import pyarrow as pa
+
     meta = _scalar_meta(metas)
     columns = {"key": pa.array(keys, pa.string()), "caption": pa.array(captions, pa.string()),
                "url": pa.array(meta.pop("url", [None] * len(keys)), pa.string())}
     for name, values in meta.items():
         columns[name] = pa.array(values)
-    columns["image_emb"] = vectors(image_emb)
-    columns["text_emb"] = vectors(text_emb)
-    columns["similarity"] = pa.array(similarity.astype(np.float32), pa.float32())
+    columns.update(embedding_columns(image_emb, text_emb, dtype))
     return pa.table(columns)
 
 
-def _write_table(table, path: Path) -> None:
+def write_embedding_file(table, path: str | os.PathLike) -> None:
+    """One embedding file, compressed, written atomically (a killed write leaves no file)."""
     import io
 
     import pyarrow.parquet as pq
@@ -189,7 +196,7 @@ def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable
                 text_emb = np.concatenate(parts["text"]) if parts["text"] else np.zeros((0, dim), np.float32)
                 table = embedding_table(parts["keys"], parts["captions"], parts["metas"], image_emb,
                                         text_emb, dtype)
-                _write_table(table, out / names[item.shard_index])
+                write_embedding_file(table, out / names[item.shard_index])
                 result.shards_done += 1
                 continue
             image_emb, text_emb = encode_pairs(model, item.images.to(device), item.tokens.to(device))

@@ -1,461 +1,52 @@
-"""The full SafeCLIP loop: warm-up, then score → split → train, every epoch.
+"""`safeclip pretrain`: the warm-up, then one epoch loop over a defense.
 
-Phases 1–2 are `safeclip warmup` itself (`run_warmup`, writing RUN/warmup.pt), so
-the warm-up has one implementation, one checkpoint format and one resume logic.
-Phase 3, for each later epoch K:
-  1. score every pair: a no-grad pass with the eval transform written in embed's
-     Parquet schema to RUN/scores/epoch=K/ (`embed_source`), or, with
-     `score_from_training`, the view-1 embeddings the previous epoch's training
-     pass already computed (no extra forward pass);
-  2. split with the ratio schedule (`split.split`, the code of `safeclip split`)
-     into RUN/splits/epoch=K/{safe,risky}/;
-  3. train one pass: the safe set with the cross-augmented CLIP loss and the risky
-     set with the unimodal nearest-neighbour loss.
+Phases 1–2 are `safeclip warmup` itself (`run_warmup`, writing RUN/warmup.pt), so the
+warm-up has one implementation, one checkpoint format and one resume logic. Then, for
+each later epoch, the defense (sanitize/defenses) says which split the epoch uses and
+which pairs train with which loss; this module does the work:
+  1. score every pair and split (when the defense asks for a new split): a separate
+     no-grad pass or the previous epoch's training-pass embeddings (stages/scoring.py),
+     then `safeclip split`'s own code into RUN/splits/epoch=K/;
+  2. one training pass: the defense's streams (every pair, or a partition of the split,
+     each with its loss) as full-size batches interleaved in proportion to their sizes,
+     each optimizer step one loss on one batch (train/engine.py). The CLIP loss so keeps
+     its full batch of negatives even when its partition is small, and every pair is
+     seen exactly once per epoch;
+  3. zero-shot accuracy when asked, a checkpoint RUN/checkpoints/epoch_KKKK.pt (atomic,
+     the newest `keep` kept) and the epoch's line in RUN/metrics.jsonl.
 
-CLIP views (`clip_views`): "cross" is SafeCLIP's cross-augmented CLIP loss on two
-SimCLR/EDA views; "plain" is CLIP's own loss on the eval-transformed image and the
-caption as written (one forward per pair, half the work). "auto" takes cross for
-the safeclip defense (the paper) and plain for the baselines, which the paper
-compares against as plain CLIP, and whose attacks must be allowed to work: random
-crops cut a corner trigger out of about a quarter of the views.
-
-How the two losses share an epoch (following the official code: one epoch visits
-the safe set with the CLIP loss and the risky set with the unimodal loss): the
-safe and risky partitions are two streams of full-size batches, interleaved in
-proportion to their sizes (a safe batch whenever the safe stream is behind the
-risky one in its share of the epoch). Each optimizer step is one loss on one
-batch, so the CLIP loss keeps its full batch of negatives even when the safe set
-is small, and every pair is seen exactly once per epoch.
-
-Baselines: `defense="none"` trains the CLIP loss on every pair for every epoch
-(no warm-up phases, never splits); `defense="clip-score"` warms up, splits once
-with a fixed fraction/threshold and trains the CLIP loss on that safe set only
-(DataComp-style filtering).
-
-Checkpoints: RUN/checkpoints/epoch_KKKK.pt after every phase-3 epoch (atomic,
-the newest `keep` kept). Resume restarts the interrupted epoch from the newest
-checkpoint; data order and augmentations are functions of (seed, epoch, shard,
-position), so a resumed run ends in the same weights as an uninterrupted one.
+Resume restarts the interrupted epoch from the newest checkpoint; data order and
+augmentations are functions of (seed, epoch, shard, position), so a resumed run ends in
+the weights of an uninterrupted one. Under torchrun every rank trains its share of the
+shards (DDP); rank 0 alone runs the warm-up and the mixture fit while the others wait.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import math
 import os
-import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
-import numpy as np
 import torch
 
-from ..train.augment import EDA, eval_transform
-from ..models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ..train.distributed import Dist, barrier, broadcast_object, gather_features, gather_object
-from .embed import embed_source, output_name, write_manifest
-from ..train.losses import MemoryBank, unimodal_loss
-from ..train.optim import lr_at, make_optimizer
-from ..io.pairs import PairSource, Shard, Skips, open_pairs
-from ..io.shards import atomic_write_bytes, atomic_write_json
+from ..defenses import Defense, SplitRequest, Stream, make_defense
+from ..io.artifacts import Run, Split, read_jsonl, side_paths
+from ..io.pairs import PairSource, open_pairs, subset_source
+from ..io.shards import atomic_write_bytes
+from ..models.checkpoint import CheckpointError
+from ..train import distributed
+from ..train.augment import EDA
 from ..train.batches import PairBatches, make_loader
-from .warmup import EpochStats, Precision, WarmupConfig, run_epoch, run_warmup
-
-DEFENSES = ("safeclip", "none", "clip-score")
-
-# Presets fill in options the user did not give. "paper": the official SafeCLIP
-# defaults. "cpu": the shipped tiny ViT sized so a run over 60k Fashion-MNIST pairs
-# fits a short CPU budget (see docs/performance.md); a larger CLIP warm-up factor
-# because one CLIP epoch of 118 steps at 0.01 x lr barely aligns the towers.
-PRESETS: dict[str, dict] = {
-    "paper": dict(model="RN50", batch_size=128, lr=5e-4, weight_decay=0.1, warmup_steps=10_000, epochs=32,
-                  unimodal_epochs=5, clip_epochs=1, clip_lr_scale=0.01, ratio_schedule="safeclip:step=0.01,cap=0.85",
-                  memory_bank=4096),
-    "cpu": dict(model="safeclip-tiny-vit", batch_size=512, lr=1e-3, weight_decay=0.1, warmup_steps=10, epochs=3,
-                unimodal_epochs=1, clip_epochs=1, clip_lr_scale=0.1, ratio_schedule="safeclip:step=0.01,cap=0.85",
-                memory_bank=4096),
-}
-
-
-@dataclass
-class PretrainConfig:
-    """Phase 1–2 settings live in `warmup` (a WarmupConfig, shared with `safeclip warmup`);
-    the rest is phase 3. Saved in every checkpoint so a resume replays it."""
-
-    warmup: WarmupConfig = field(default_factory=WarmupConfig)
-    epochs: int = 32
-    defense: str = "safeclip"
-    ratio_schedule: str = "safeclip"
-    ranking: str = "global"
-    clip_views: str = "auto"
-    score_from_training: bool = False
-    fit_sample: int = 1_000_000
-    score_batch_size: int = 256
-    score_dtype: str = "float16"
-    local_loss: bool = False
-    keep: int = 2
-    eval_every: int = 0
-    eval_test: str | None = None
-    eval_classes: str = "fashion-mnist"
-
-    def to_dict(self) -> dict:
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "warmup"}
-        data["warmup"] = self.warmup.to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PretrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)} - {"warmup"}
-        return cls(warmup=WarmupConfig.from_dict(data.get("warmup", {})),
-                   **{k: v for k, v in data.items() if k in known})
-
-    @property
-    def clip_view_mode(self) -> str:
-        """"plain" or "cross": what the CLIP loss of phase 3 trains on (see the module doc)."""
-        if self.clip_views != "auto":
-            return self.clip_views
-        return "cross" if self.defense == "safeclip" else "plain"
-
-    @property
-    def warm_epochs(self) -> int:
-        """Epochs spent in phases 1–2 (none for the plain-CLIP baseline)."""
-        return 0 if self.defense == "none" else self.warmup.unimodal_epochs + self.warmup.clip_epochs
-
-    def validate(self) -> None:
-        from ..models.factory import resolve_config
-        from ..defenses.schedule import parse_schedule
-
-        if self.defense not in DEFENSES:
-            raise ValueError(f"unknown defense {self.defense!r}; choose one of {', '.join(DEFENSES)}")
-        if self.defense != "none":
-            self.warmup.validate()
-            if self.warm_epochs >= self.epochs:
-                raise ValueError(f"--unimodal-epochs + --clip-epochs ({self.warm_epochs}) must be fewer than "
-                                 f"--epochs ({self.epochs}): no epoch would be left to train on the split")
-        elif self.epochs < 1:
-            raise ValueError("--epochs must be >= 1")
-        if self.warmup.batch_size < 2:
-            raise ValueError("batch size must be >= 2 for contrastive losses")
-        schedule = parse_schedule(self.ratio_schedule)
-        if self.defense == "clip-score" and schedule.kind == "safeclip":
-            raise ValueError("--defense clip-score needs a fixed cut: --ratio-schedule fraction:F or threshold:T")
-        if self.ranking not in ("global", "balanced"):
-            raise ValueError(f"unknown ranking {self.ranking!r}; choose global or balanced")
-        if self.clip_views not in ("auto", "plain", "cross"):
-            raise ValueError(f"unknown --clip-views {self.clip_views!r}; choose auto, plain or cross")
-        if self.keep < 1:
-            raise ValueError("--keep must be >= 1")
-        if self.eval_every < 0:
-            raise ValueError("--eval-every must be >= 0")
-        if self.eval_every and not self.eval_test:
-            raise ValueError("--eval-every needs --eval-test (a pair source with class labels)")
-        if self.score_from_training and self.defense != "safeclip":
-            raise ValueError("--score-from-training only applies to --defense safeclip")
-        resolve_config(self.warmup.model)  # unknown model: a clear error before any work
-
-
-def apply_preset(name: str | None, given: dict) -> dict:
-    """The preset's values for every option not in `given`, then `given` (explicit wins)."""
-    if name is None:
-        return dict(given)
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return {**PRESETS[name], **given}
-
-
-# ---- run layout ----------------------------------------------------------------------
-
-class Layout:
-    """Where everything of one run lives."""
-
-    def __init__(self, run: str | os.PathLike):
-        self.root = Path(run)
-        self.warmup = self.root / "warmup.pt"
-        self.checkpoints = self.root / "checkpoints"
-        self.metrics = self.root / "metrics.jsonl"
-        self.stats = self.root / "pretrain_stats.json"
-        self.config = self.root / "config.json"
-
-    def scores(self, epoch: int) -> Path:
-        return self.root / "scores" / f"epoch={epoch}"
-
-    def split(self, epoch: int) -> Path:
-        return self.root / "splits" / f"epoch={epoch}"
-
-    def checkpoint(self, epoch: int) -> Path:
-        return self.checkpoints / f"epoch_{epoch:04d}.pt"
-
-    def saved_epochs(self) -> list[int]:
-        found = []
-        for path in self.checkpoints.glob("epoch_*.pt"):
-            match = re.fullmatch(r"epoch_(\d+)\.pt", path.name)
-            if match:
-                found.append(int(match.group(1)))
-        return sorted(found)
-
-
-# ---- partitions as pair sources ------------------------------------------------------
-
-def _read_only(keys: frozenset, inner: Callable, shard: Shard, skips: Skips) -> Iterator:
-    """A shard reader that yields only the pairs whose key is in `keys` (module level: pickles)."""
-    for pair in inner(shard, skips):
-        if pair.key in keys:
-            yield pair
-
-
-def subset_source(source: PairSource, keys_by_shard: dict[str, list[str]]) -> PairSource:
-    """The pairs of `source` whose keys are listed for their shard (by embed's output name).
-    Shard order and positions are kept, so data order stays a function of the seed."""
-    shards = []
-    for shard in source.shards:
-        keys = frozenset(keys_by_shard.get(Path(output_name(shard)).stem, ()))
-        shards.append(Shard(shard.name, shard.path, functools.partial(_read_only, keys, shard.read), len(keys)))
-    return PairSource(source.format, source.root, shards)
-
-
-def partition_keys(part_dir: Path, partition: str) -> dict[str, list[str]]:
-    """{shard stem: keys} of one partition of a split."""
-    import pyarrow.parquet as pq
-
-    out = {}
-    for path in sorted((part_dir / partition).glob("*.parquet")):
-        if not path.name.startswith("."):
-            out[path.stem] = pq.read_table(path, columns=["key"]).column("key").to_pylist()
-    return out
-
-
-# ---- scoring ---------------------------------------------------------------------------
-
-def _share_files(ctx: Dist, folder: Path, names: list[str]) -> None:
-    """Give rank 0 every rank's score files (a no-op on a shared filesystem, where they
-    are already there; needed when each node writes RUN to its own disk)."""
-    if not ctx.enabled:
-        return
-    mine = {}
-    for name in names:
-        path = folder / name
-        if path.exists():
-            mine[name] = path.read_bytes()
-    received = gather_object(ctx, {n: b for n, b in mine.items()} if ctx.rank else {})
-    if ctx.is_main and received:
-        for files in received:
-            for name, data in files.items():
-                if not (folder / name).exists():
-                    atomic_write_bytes(folder / name, data)
-
-
-def score_pass(source: PairSource, model: torch.nn.Module, tokenizer, image_size: int, out: Path,
-               config: PretrainConfig, ctx: Dist, device: torch.device, checkpoint: str,
-               on_batch: Callable[[int], None] | None = None) -> float:
-    """The separate no-grad scoring pass (embed's code), each rank its shards; returns seconds."""
-    started = time.perf_counter()
-    was_training = model.training
-    embed_source(source, model, tokenizer, eval_transform(image_size), out, batch_size=config.score_batch_size,
-                 dtype=config.score_dtype, num_workers=config.warmup.num_workers, device=str(device),
-                 rank=ctx.rank, world_size=ctx.world_size, on_batch=on_batch)
-    model.train(was_training)
-    _share_files(ctx, out, [output_name(s) for i, s in enumerate(source.shards) if i % ctx.world_size == ctx.rank])
-    barrier(ctx)
-    if ctx.is_main:
-        write_manifest(out, checkpoint=checkpoint, source=source, dtype=config.score_dtype, augment=False,
-                       seconds=time.perf_counter() - started, world_size=ctx.world_size,
-                       extra={"scored_by": "separate pass"})
-    return time.perf_counter() - started
-
-
-def scores_from_training(kept: dict[str, tuple[np.ndarray, np.ndarray]], previous: Path, out: Path,
-                         dtype: str, checkpoint: str, source: PairSource, world_size: int) -> int:
-    """Write the next epoch's score files from embeddings the training pass kept.
-
-    Rows (key, caption, metadata) come from the previous scores; image_emb, text_emb
-    and similarity are replaced for every kept key. A pair the training pass did not
-    see (dropped from a rank's last partial batch under torchrun) keeps its previous
-    score. Returns the number of pairs rescored."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out.mkdir(parents=True, exist_ok=True)
-    np_dtype, arrow_type = (np.float16, pa.float16()) if dtype == "float16" else (np.float32, pa.float32())
-    rescored = 0
-    for path in sorted(previous.glob("*.parquet")):
-        if path.name.startswith("."):
-            continue
-        table = pq.read_table(path)
-        keys = table.column("key").to_pylist()
-        dim = table.schema.field("image_emb").type.list_size
-        image = np.asarray(table.column("image_emb").combine_chunks().flatten(), np.float32).reshape(-1, dim)
-        text = np.asarray(table.column("text_emb").combine_chunks().flatten(), np.float32).reshape(-1, dim)
-        for row, key in enumerate(keys):
-            hit = kept.get(key)
-            if hit is not None:
-                image[row], text[row] = hit
-                rescored += 1
-        similarity = np.einsum("nd,nd->n", image, text).astype(np.float32)
-
-        def vectors(matrix: np.ndarray):
-            flat = pa.array(np.ascontiguousarray(matrix, dtype=np_dtype).reshape(-1), type=arrow_type)
-            return pa.FixedSizeListArray.from_arrays(flat, dim)
-
-        for name, column in (("image_emb", vectors(image)), ("text_emb", vectors(text)),
-                             ("similarity", pa.array(similarity, pa.float32()))):
-            table = table.set_column(table.schema.get_field_index(name), name, column)
-        import io
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        atomic_write_bytes(out / path.name, buffer.getvalue())
-    write_manifest(out, checkpoint=checkpoint, source=source, dtype=dtype, augment=True, seconds=0.0,
-                   world_size=world_size, extra={"scored_by": "training pass (view 1, weights of the step)",
-                                                 "rescored": rescored})
-    return rescored
-
-
-# ---- one training step of phase 3 ------------------------------------------------------
-
-def _ddp_clip_loss(image_a: torch.Tensor, text_b: torch.Tensor, scale: torch.Tensor, ctx: Dist,
-                   local_loss: bool) -> torch.Tensor:
-    """CLIP loss with features gathered across ranks, as open_clip's ClipLoss:
-    global logits, or with `local_loss` this rank's rows against all columns."""
-    import torch.nn.functional as F
-
-    (all_image, offset), (all_text, _) = gather_features(image_a, ctx), gather_features(text_b, ctx)
-    if local_loss and ctx.enabled:
-        logits_image = scale * image_a @ all_text.t()
-        logits_text = scale * text_b @ all_image.t()
-        labels = torch.arange(len(image_a), device=image_a.device) + offset
-    else:
-        logits_image = scale * all_image @ all_text.t()
-        logits_text = logits_image.t()
-        labels = torch.arange(len(all_image), device=image_a.device)
-    return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
-
-
-class Phase3Step:
-    """The loss of one phase-3 batch. The forward goes through `net` (the DDP wrapper
-    under torchrun, so gradients are all-reduced); `keep` collects view-1 embeddings
-    for --score-from-training."""
-
-    def __init__(self, net: torch.nn.Module, device: torch.device, ctx: Dist, temperature: float,
-                 banks: dict[str, MemoryBank] | None, local_loss: bool, keep: dict | None):
-        self.net, self.device, self.ctx = net, device, ctx
-        self.temperature, self.banks, self.local_loss, self.keep = temperature, banks, local_loss, keep
-
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        from ..train.losses import MAX_LOGIT_SCALE
-
-        n = len(batch["key"])
-        plain = "image" in batch  # plain CLIP: the pair as it is, one forward; else two views
-        images = batch["image"] if plain else torch.cat([batch["image1"], batch["image2"]])
-        texts = batch["text"] if plain else torch.cat([batch["text1"], batch["text2"]])
-        out = self.net(images.to(self.device, non_blocking=True), texts.to(self.device, non_blocking=True))
-        # open_clip: normalised image, text features, exp(logit_scale)
-        image, text, scale = out[0].float(), out[1].float(), out[2].float().clamp(max=MAX_LOGIT_SCALE)
-        if self.keep is not None:
-            image1, text1 = image[:n].detach().cpu().numpy(), text[:n].detach().cpu().numpy()
-            for i, key in enumerate(batch["key"]):
-                self.keep[key] = (image1[i], text1[i])
-        if plain:
-            loss = _ddp_clip_loss(image, text, scale, self.ctx, self.local_loss)
-            return loss, {"loss_clip": loss.item()}
-        if batch["loss"] == "clip":
-            loss = 0.5 * (_ddp_clip_loss(image[:n], text[n:], scale, self.ctx, self.local_loss)
-                          + _ddp_clip_loss(image[n:], text[:n], scale, self.ctx, self.local_loss))
-            return loss, {"loss_clip": loss.item()}
-        banks = self.banks or {}
-        loss_image = unimodal_loss(image[:n], image[n:], self.temperature, banks.get("image"))
-        loss_text = unimodal_loss(text[:n], text[n:], self.temperature, banks.get("text"))
-        # The logit scale takes no part here; a zero term keeps DDP's "every parameter
-        # got a gradient" bookkeeping true without find_unused_parameters.
-        loss = loss_image + loss_text + 0.0 * scale
-        return loss, {"loss_image": loss_image.item(), "loss_text": loss_text.item()}
-
-
-# ---- the two streams of one epoch ------------------------------------------------------
-
-def interleave_plan(n_safe: int, n_risky: int) -> list[str]:
-    """Which stream each step draws from: safe ("clip") batches spread evenly among
-    risky ("unimodal") ones, in proportion to their counts. Deterministic."""
-    plan, s, r = [], 0, 0
-    while s < n_safe or r < n_risky:
-        if r >= n_risky or (s < n_safe and s * n_risky <= r * n_safe):
-            plan.append("clip")
-            s += 1
-        else:
-            plan.append("unimodal")
-            r += 1
-    return plan
-
-
-def _real_batches(batches: Iterable[dict], limit: int, tag: str) -> Iterator[dict]:
-    """Up to `limit` non-empty batches, tagged with their loss; skip counts ride along."""
-    pending: dict = {}
-    given = 0
-    for batch in batches:
-        for reason, count in batch.get("skips", {}).items():
-            pending[reason] = pending.get(reason, 0) + count
-        if not batch["key"]:
-            continue
-        if given >= limit:
-            break
-        batch["skips"], pending = pending, {}
-        batch["loss"] = tag
-        given += 1
-        yield batch
-
-
-def interleave(streams: dict[str, Iterator[dict]], plan: list[str]) -> Iterator[dict]:
-    for tag in plan:
-        batch = next(streams[tag], None)
-        if batch is not None:
-            yield batch
-
-
-def _batches_for(data: PairBatches, epoch: int, num_workers: int, ctx: Dist) -> int:
-    """Steps this stream takes: DDP steps all ranks in lockstep with the same loss, so
-    every rank takes the minimum over ranks (a rank with one batch more skips its
-    last one this epoch; the shard order changes every epoch)."""
-    per_rank = []
-    for rank in range(ctx.world_size):
-        data.rank = rank
-        per_rank.append(data.batches_per_epoch(epoch, num_workers))
-    data.rank = ctx.rank
-    return min(per_rank)
-
-
-# ---- evaluation -----------------------------------------------------------------------
-
-def zero_shot_accuracy(model: torch.nn.Module, tokenizer, image_size: int, test: str, classes: str,
-                       device: torch.device, batch_size: int = 256) -> dict:
-    """Top-1 zero-shot accuracy on a labelled pair source (sanitize.evaluate's functions)."""
-    from ..evaluation.evaluate import image_features, predict, text_embeddings, zero_shot_scores, zero_shot_weights
-    from ..evaluation.templates import load_classes, load_templates
-
-    class_set = load_classes(classes)
-    was_training = model.training
-    model.eval()
-    weights = zero_shot_weights(text_embeddings(model, tokenizer, list(class_set.prompt_names), load_templates(),
-                                                device=str(device)))
-    feats = image_features(open_pairs(test), model, eval_transform(image_size), list(class_set.names),
-                           batch_size=batch_size, device=str(device))
-    model.train(was_training)
-    known = feats.labels >= 0
-    if not known.any():
-        raise ValueError(f"{test}: no pair has a label among --eval-classes")
-    pred = predict(zero_shot_scores(feats.image[known], weights))
-    return {"zero_shot_top1": float(np.mean(pred == feats.labels[known])), "eval_pairs": int(known.sum())}
-
-
-# ---- the loop -----------------------------------------------------------------------------
-
-@dataclass
-class PretrainResult:
-    run: str
-    epochs: list[dict]
-    finished: bool
-    last_checkpoint: str | None
+from ..train.distributed import Dist, barrier, broadcast_object, gather_object
+from ..train.engine import LOSSES, EpochStats, Precision, Steps, interleave, interleave_plan, run_epoch, tagged
+from ..train.optim import lr_at
+from ..train.state import Progress, TrainState, read_progress
+from .config import PretrainConfig
+from .scoring import score_pass, scores_from_training
 
 
 @dataclass
@@ -470,52 +61,41 @@ class Hooks:
     epoch_end: Callable[[dict], None] | None = None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+@dataclass
+class PretrainResult:
+    run: str
+    epochs: list[dict]
+    finished: bool
+    last_checkpoint: str | None
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+@dataclass
+class Session:
+    """Everything one pretrain run holds between epochs."""
 
+    src: str
+    run: Run
+    config: PretrainConfig
+    defense: Defense
+    source: PairSource
+    ctx: Dist
+    state: TrainState
+    net: torch.nn.Module                 # the model, or its DDP wrapper under torchrun
+    precision: Precision
+    hooks: Hooks
+    shape: dict
+    steps_per_epoch: int
+    total_steps: int
+    first_epoch: int
+    records: list[dict] = field(default_factory=list)
+    last_checkpoint: str | None = None
+    full: dict = field(default_factory=dict)   # PairBatches over every pair, by `plain`
+    kept: dict | None = None                   # this epoch's view-1 embeddings (score from training)
 
-def _device(device: str, ctx: Dist) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and ctx.enabled:
-        device = f"cuda:{ctx.local_rank}"
-    return torch.device(device)
-
-
-def adopt_warmup(warmup: str | os.PathLike, layout: Layout, config: PretrainConfig) -> None:
-    """Copy a finished warm-up (`safeclip warmup`, or another run's RUN/warmup.pt) into
-    this run, so ablations on the same data share phases 1–2 instead of repeating them.
-    Its settings must equal this run's warm-up settings (workers aside): the run then
-    ends exactly as if it had trained the warm-up itself."""
-    from .warmup import side_paths
-
-    state = read_checkpoint(warmup)["training_state"]
-    if state.get("stage") != "warmup":
-        raise CheckpointError(f"{warmup}: not a warm-up checkpoint (stage {state.get('stage')!r})")
-    if not state.get("warmup_state", {}).get("finished"):
-        raise CheckpointError(f"{warmup}: the warm-up did not finish; resume it first")
-    theirs, ours = dict(state.get("warmup_config", {})), config.warmup.to_dict()
-    differ = sorted(k for k in set(theirs) | set(ours) if k != "num_workers" and theirs.get(k) != ours.get(k))
-    if differ:
-        raise ValueError(f"{warmup}: trained with other warm-up settings ("
-                         + ", ".join(f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in differ) + ")")
-    layout.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(layout.warmup, Path(warmup).read_bytes())
-    for theirs_side, ours_side in zip(side_paths(warmup), side_paths(layout.warmup)):
-        if theirs_side.exists():
-            atomic_write_bytes(ours_side, theirs_side.read_bytes())
+    def lr(self, step: int) -> float:
+        w = self.config.warmup
+        warm = w.warmup_steps if w.warmup_steps is not None else self.total_steps // 10
+        return lr_at(step, self.total_steps, w.lr, warm, w.min_lr)
 
 
 def run_pretrain(src: str, run: str | os.PathLike, config: PretrainConfig, *, resume: bool = False,
@@ -526,271 +106,341 @@ def run_pretrain(src: str, run: str | os.PathLike, config: PretrainConfig, *, re
     `warmup_from` takes phases 1–2 from a finished warm-up checkpoint (`adopt_warmup`).
     `stop_after_epoch` ends the run after that overall epoch and `max_steps_per_epoch`
     cuts each phase-3 epoch short (benchmarks: time a fraction of an epoch)."""
-    from .split import split
-
-    ctx = ctx or Dist()
-    hooks = hooks or Hooks()
-    layout = Layout(run)
+    started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    dev = _device(device, ctx)
-
-    saved = None
-    if resume:
-        epochs_saved = layout.saved_epochs()
-        if epochs_saved:
-            payload = read_checkpoint(layout.checkpoint(epochs_saved[-1]))
-            saved = payload["training_state"]
-            if saved.get("stage") != "pretrain":
-                raise CheckpointError(f"{layout.checkpoint(epochs_saved[-1])}: not a pretrain checkpoint")
-            config = PretrainConfig.from_dict(saved["pretrain_config"])
-        elif layout.config.exists():
-            config = PretrainConfig.from_dict(json.loads(layout.config.read_text()))
-        else:
-            raise CheckpointError(f"{run}: nothing to resume (no pretrain run there yet)")
-    config.validate()
-    wcfg = config.warmup
-    source = open_pairs(src, format=source_format)  # a bad source fails before RUN is touched
-    if warmup_from and config.defense == "none":
-        raise ValueError("--warmup-from does not apply to --defense none (it has no warm-up)")
-    if warmup_from and saved is None and not layout.warmup.exists():
-        if ctx.is_main:
-            adopt_warmup(warmup_from, layout, config)
-        barrier(ctx)
-    if ctx.is_main:
-        layout.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(layout.config, config.to_dict())
-    barrier(ctx)
-
-    records = [r for r in _read_jsonl(layout.metrics)] if resume else []
-    started_at = time.perf_counter()
-
-    # ---- phases 1–2: `safeclip warmup`'s own code, on rank 0 -------------------------
-    if config.defense != "none" and saved is None:
-        done_before = False
-        if layout.warmup.exists():
-            state = read_checkpoint(layout.warmup)["training_state"]
-            done_before = bool(state.get("warmup_state", {}).get("finished"))
-            if not resume and not done_before:
-                raise FileExistsError(f"{layout.warmup}: an unfinished warm-up is there; pass --resume")
-        if not done_before:
-            if ctx.is_main:
-                # Under torchrun the other ranks wait: the warm-up is single-process code.
-                result = run_warmup(src, layout.warmup, wcfg, resume=layout.warmup.exists(), device=str(dev),
-                                    source_format=source_format, threads=threads,
-                                    on_epoch_start=hooks.warmup_epoch_start, on_step=hooks.step,
-                                    max_steps=None)
-                records = [dict(r, stage="warmup") for r in result.epochs]
-                _write_jsonl(layout.metrics, records)
-            barrier(ctx)
-        else:
-            from .warmup import side_paths
-
-            records = [dict(r, stage="warmup") for r in _read_jsonl(side_paths(layout.warmup)[0])]
-            if ctx.is_main:
-                _write_jsonl(layout.metrics, records)
-        records = broadcast_object(ctx, records)
-
-    # ---- model, optimizer, memory banks ---------------------------------------------
-    if saved is not None:
-        model, tokenizer, image_size, model_cfg, _ = load_checkpoint(layout.checkpoint(layout.saved_epochs()[-1]))
-        state_from = saved
-    elif config.defense != "none":
-        model, tokenizer, image_size, model_cfg, state_from = load_checkpoint(layout.warmup)
-    else:
-        from ..models.factory import create_model
-
-        torch.manual_seed(wcfg.seed)
-        model, tokenizer, image_size, model_cfg = create_model(wcfg.model, wcfg.pretrained)
-        state_from = None
-    model.to(dev)
-    precision = Precision.choose(wcfg.precision, dev)
-    optimizer = make_optimizer(model, wcfg.lr, wcfg.weight_decay)
-    embed_dim = int(model_cfg["embed_dim"])
-    banks = ({m: MemoryBank(wcfg.memory_bank, embed_dim).to(dev) for m in ("image", "text")}
-             if wcfg.memory_bank and config.defense == "safeclip" else None)
-    if state_from is not None:
-        optimizer.load_state_dict(state_from["optimizer"])
-        if banks and state_from.get("banks"):
-            for m, bank in banks.items():
-                bank.load_state_dict(state_from["banks"][m])
-        set_rng_state(state_from["rng"])
-    net = model
-    if ctx.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-    plain_clip = config.clip_view_mode == "plain"
-    full = PairBatches(source, tokenizer, image_size, wcfg.batch_size, seed=wcfg.seed,
-                       views=not plain_clip, plain=plain_clip,
-                       shuffle_buffer=wcfg.shuffle_buffer, eda=EDA(alpha=wcfg.eda_alpha),
-                       crop_scale=wcfg.crop_scale, rank=ctx.rank, world_size=ctx.world_size)
-    n_pairs = full.pairs_per_epoch() if ctx.world_size == 1 else sum(full.shard_counts())
-    if n_pairs < 2:
-        raise ValueError(f"{src}: need at least 2 pairs to train, found {n_pairs}")
-    shape = {"shards": len(source.shards), "pairs": sum(full.shard_counts())}
-    if state_from is not None and state_from.get("source_shape", shape) != shape:
-        raise ValueError(f"{src}: not the data this run was trained on ({state_from.get('source_shape')} vs {shape})")
-
-    first_epoch = config.warm_epochs if saved is None else int(saved["epoch"]) + 1
-    phase_epochs = config.epochs - config.warm_epochs
-    # Phase 3's LR schedule is fixed before any split: per epoch, the steps of the
-    # largest per-rank share of shards, plus one for the second stream's partial batch.
-    counts_desc = sorted(full.shard_counts(), reverse=True)
-    largest_share = sum(counts_desc[:math.ceil(len(counts_desc) / ctx.world_size)])
-    steps_per_epoch = math.ceil(largest_share / wcfg.batch_size) + 1
-    total_steps = max(1, phase_epochs * steps_per_epoch)
-    warm_steps = wcfg.warmup_steps if wcfg.warmup_steps is not None else total_steps // 10
-
-    def lr_for_step(step: int) -> float:
-        return lr_at(step, total_steps, wcfg.lr, warm_steps, wcfg.min_lr)
-
-    kept: dict | None = None
-    last_ckpt = str(layout.checkpoint(layout.saved_epochs()[-1])) if saved is not None else (
-        str(layout.warmup) if config.defense != "none" else None)
-    for epoch in range(first_epoch, config.epochs):
+    session = open_session(src, Run(run), config, resume=resume, ctx=ctx or Dist(), device=device,
+                           source_format=source_format, hooks=hooks or Hooks(), warmup_from=warmup_from)
+    for epoch in range(session.first_epoch, session.config.epochs):
         if stop_after_epoch is not None and epoch > stop_after_epoch:
             break
-        k = epoch - config.warm_epochs  # index inside phase 3 = the schedule's epoch
-        seconds: dict[str, float] = {}
-        record: dict = {"epoch": epoch, "stage": "pretrain", "phase": config.defense, "phase_epoch": k,
-                        "clip_views": config.clip_view_mode}
+        record = train_epoch(session, epoch, max_steps_per_epoch)
+        finish_epoch(session, epoch, record)
+    return finish_run(session, time.perf_counter() - started)
 
-        # 1-2. score and split (rank 0 splits; everyone reads the same partition)
-        keys_safe = keys_risky = None
-        if config.defense != "none":
-            split_epoch = epoch if config.defense == "safeclip" else config.warm_epochs
-            if epoch == split_epoch:
-                scores_dir = layout.scores(epoch)
-                from_training = (config.score_from_training and k > 0
-                                 and (scores_dir / "embed.json").exists())
-                if not from_training:
-                    if hooks.stage:
-                        hooks.stage(f"epoch {epoch + 1} scoring", n_pairs // ctx.world_size)
-                    seconds["score"] = round(score_pass(source, model, tokenizer, image_size, scores_dir, config,
-                                                        ctx, dev, last_ckpt or "", hooks.score_batch), 3)
-                record["scored_by"] = "training pass" if from_training else "separate pass"
-                t = time.perf_counter()
-                manifest = None
-                if ctx.is_main:
-                    previous = layout.split(config.warm_epochs) if k > 0 else None
-                    result = split(scores_dir, layout.split(epoch), config.ratio_schedule, epoch=k,
-                                   fit_sample=config.fit_sample, seed=wcfg.seed, previous=previous,
-                                   ranking=config.ranking, force=True)
-                    manifest = result.manifest
-                manifest = broadcast_object(ctx, manifest)
-                seconds["split"] = round(time.perf_counter() - t, 3)
-                record.update({"safe_ratio": manifest["counts"]["safe_share"], "ratio": manifest["ratio"],
-                               "n_safe": manifest["counts"]["safe"], "n_risky": manifest["counts"]["risky"],
-                               "mixture": manifest["mixture"], "split": str(layout.split(epoch))})
-                if manifest.get("warnings"):
-                    record["split_warnings"] = manifest["warnings"]
-            else:  # clip-score: the one split after the warm-up, again
-                record.update({"split": str(layout.split(split_epoch)),
-                               "safe_ratio": broadcast_object(ctx, json.loads(
-                                   (layout.split(split_epoch) / "split.json").read_text())["counts"]["safe_share"]
-                                   if ctx.is_main else None)})
-            part = layout.split(split_epoch)
-            keys = broadcast_object(ctx, (partition_keys(part, "safe"), partition_keys(part, "risky"))
-                                    if ctx.is_main else None)
-            keys_safe, keys_risky = keys
-            if config.defense == "clip-score":
-                keys_risky = {}  # the filtered-out pairs are not trained on at all
 
-        # 3. one training pass
-        streams_data: dict[str, PairBatches] = {}
-        if config.defense == "none":
-            streams_data["clip"] = full
-        else:
-            for tag, keys_by_shard in (("clip", keys_safe), ("unimodal", keys_risky)):
-                if sum(len(v) for v in keys_by_shard.values()):
-                    plain = plain_clip and tag == "clip"
-                    streams_data[tag] = PairBatches(
-                        subset_source(source, keys_by_shard), tokenizer, image_size, wcfg.batch_size,
-                        seed=wcfg.seed, views=not plain, plain=plain, shuffle_buffer=wcfg.shuffle_buffer,
-                        eda=EDA(alpha=wcfg.eda_alpha), crop_scale=wcfg.crop_scale, rank=ctx.rank,
-                        world_size=ctx.world_size)
-        counts = {}
-        for tag, data in streams_data.items():
-            data.set_epoch(epoch)
-            counts[tag] = _batches_for(data, epoch, wcfg.num_workers, ctx)
-        plan = interleave_plan(counts.get("clip", 0), counts.get("unimodal", 0))
-        streams = {tag: _real_batches(make_loader(data, wcfg.num_workers), counts[tag], tag)
-                   for tag, data in streams_data.items()}
-        if hooks.epoch_start:
-            hooks.epoch_start(config.defense, epoch, len(plan))
-        keep_now = config.score_from_training and config.defense == "safeclip" and epoch + 1 < config.epochs
-        kept = {} if keep_now else None
-        loss_fn = Phase3Step(net, dev, ctx, wcfg.temperature, banks, config.local_loss, kept)
-        stats = EpochStats()
-        first_step = k * steps_per_epoch
-        taken = run_epoch(model, interleave(streams, plan), optimizer, loss_fn, lr_for_step, first_step, stats,
-                          precision=precision, grad_clip=wcfg.grad_clip, max_batches=max_steps_per_epoch,
-                          on_step=hooks.step)
-        seconds["train"] = round(stats.seconds, 3)
-        all_pairs = gather_object(ctx, stats.pairs)  # each rank trained on its own share
-        pairs_total = sum(all_pairs) if all_pairs else stats.pairs
-        record.update({"steps": taken, "pairs": pairs_total, "lr_last": stats.lr,
-                       "pairs_per_s": round(pairs_total / stats.seconds, 2) if stats.seconds else None,
-                       "logit_scale": float(model.logit_scale.detach().exp()), "skipped": stats.skips,
-                       "planned_steps": len(plan),
-                       "steps_clip": plan[:taken].count("clip"), "steps_unimodal": plan[:taken].count("unimodal"),
-                       **stats.means()})
+# ---- opening a run --------------------------------------------------------------------------
 
-        # score-from-training: the next epoch's scores, from this pass's embeddings
-        if kept is not None:
-            t = time.perf_counter()
-            gathered = gather_object(ctx, kept)
-            if ctx.is_main:
-                merged = {}
-                for part_kept in gathered:
-                    merged.update(part_kept)
-                score_epoch = layout.scores(epoch)
-                # the scores this epoch's split used (the first post-warm-up epoch's or the previous kept ones)
-                scores_from_training(merged, score_epoch, layout.scores(epoch + 1), config.score_dtype,
-                                     str(layout.checkpoint(epoch)), source, ctx.world_size)
-            barrier(ctx)
-            seconds["score"] = seconds.get("score", 0.0) + round(time.perf_counter() - t, 3)
-            kept = None
-
-        # evaluation
-        last_epoch = epoch + 1 == config.epochs
-        if config.eval_every and ((k + 1) % config.eval_every == 0 or last_epoch):
-            t = time.perf_counter()
-            result_eval = (zero_shot_accuracy(model, tokenizer, image_size, config.eval_test, config.eval_classes,
-                                              dev, config.score_batch_size) if ctx.is_main else None)
-            record.update(broadcast_object(ctx, result_eval))
-            seconds["eval"] = round(time.perf_counter() - t, 3)
-
-        # checkpoint + metrics (rank 0), then prune
-        seconds["total"] = round(sum(seconds.values()), 3)
-        record["seconds"] = seconds
-        if ctx.is_main:
-            layout.checkpoints.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(layout.checkpoint(epoch), model, model_cfg, training_state={
-                "stage": "pretrain", "epoch": epoch, "pretrain_config": config.to_dict(),
-                "optimizer": optimizer.state_dict(),
-                "banks": {m: b.state_dict() for m, b in banks.items()} if banks else {},
-                "rng": rng_state(), "safe_ratio": record.get("safe_ratio"), "source": str(src),
-                "source_shape": shape, "global_step": first_step + taken,
-            })
-            records = [r for r in records if not (r.get("stage") == "pretrain" and r["epoch"] >= epoch)]
-            records.append(record)
-            _write_jsonl(layout.metrics, records)
-            for old in layout.saved_epochs()[:-config.keep]:
-                layout.checkpoint(old).unlink(missing_ok=True)
-        last_ckpt = str(layout.checkpoint(epoch))
-        barrier(ctx)
-        if hooks.epoch_end:
-            hooks.epoch_end(record)
-
-    finished = bool(layout.saved_epochs()) and layout.saved_epochs()[-1] == config.epochs - 1
+def prepare_run_folder(out: str | os.PathLike, *, resume: bool, overwrite: bool, ctx: Dist | None = None) -> None:
+    """The run-folder policy: a new run needs an empty or absent folder (`overwrite` empties
+    it), `resume` needs one. Rank 0 decides and every rank raises alike under torchrun."""
+    ctx = ctx or Dist()
+    out, problem = Path(out), None
     if ctx.is_main:
-        atomic_write_json(layout.stats, {
-            "stage": "pretrain", "source": str(src), "run": str(layout.root), "finished": finished,
-            "defense": config.defense, "config": config.to_dict(), "model": model_cfg.get("name"),
-            "pairs_per_epoch": n_pairs, "world_size": ctx.world_size, "device": str(dev),
-            "last_checkpoint": last_ckpt, "seconds_this_invocation": round(time.perf_counter() - started_at, 3),
-            "epochs": records,
+        if out.exists() and not out.is_dir():
+            problem = f"{out} is a file; --out names a run folder"
+        elif out.exists() and any(out.iterdir()) and not resume:
+            if not overwrite:
+                problem = f"{out} holds a run; pass --resume to continue it or --overwrite to start again"
+            else:
+                shutil.rmtree(out)
+        elif resume and not out.exists():
+            problem = f"{out}: nothing to resume (no run there yet)"
+    problem = broadcast_object(ctx, problem)
+    barrier(ctx)
+    if problem:
+        raise FileExistsError(problem)
+
+
+def _saved_config(run: Run) -> tuple[PretrainConfig, Progress | None]:
+    """The config a resumed run replays: its newest checkpoint's, else config.json."""
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        progress = read_progress(latest, "pretrain")
+        return PretrainConfig.from_dict(progress.config), progress
+    if run.config.exists():
+        return PretrainConfig.from_dict(run.read_config()), None
+    raise CheckpointError(f"{run.root}: nothing to resume (no pretrain run there yet)")
+
+
+def adopt_warmup(warmup: str | os.PathLike, run: Run, config: PretrainConfig) -> None:
+    """Copy a finished warm-up (`safeclip warmup`, or another run's RUN/warmup.pt) into
+    this run, so ablations on the same data share phases 1–2 instead of repeating them.
+    Its settings must equal this run's warm-up settings (workers aside): the run then
+    ends exactly as if it had trained the warm-up itself."""
+    progress = read_progress(warmup, "warmup")
+    if not progress.position.get("finished"):
+        raise CheckpointError(f"{warmup}: the warm-up did not finish; resume it first")
+    theirs, ours = dict(progress.config), config.warmup.to_dict()
+    differ = sorted(k for k in set(theirs) | set(ours) if k != "num_workers" and theirs.get(k) != ours.get(k))
+    if differ:
+        raise ValueError(f"{warmup}: trained with other warm-up settings ("
+                         + ", ".join(f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in differ) + ")")
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run.warmup, Path(warmup).read_bytes())
+    for theirs_side, ours_side in zip(side_paths(warmup), side_paths(run.warmup)):
+        if theirs_side.exists():
+            atomic_write_bytes(ours_side, theirs_side.read_bytes())
+
+
+def _warm_up(session_args: dict, run: Run, config: PretrainConfig, resume: bool, ctx: Dist) -> list[dict]:
+    """Phases 1–2 on rank 0 (`safeclip warmup`'s own code), or the finished ones already
+    in the run; returns their metric lines."""
+    from .warmup import run_warmup
+
+    if run.warmup.exists() and read_progress(run.warmup, "warmup").position.get("finished"):
+        records = [dict(r, stage="warmup") for r in read_jsonl(side_paths(run.warmup)[0])]
+        if ctx.is_main:
+            run.write_metrics(records)
+        return broadcast_object(ctx, records)
+    if run.warmup.exists() and not resume:
+        raise FileExistsError(f"{run.warmup}: an unfinished warm-up is there; pass --resume")
+    records = None
+    if ctx.is_main:  # under torchrun the other ranks wait: the warm-up is single-process code
+        result = run_warmup(session_args["src"], run.warmup, config.warmup, resume=run.warmup.exists(),
+                            device=session_args["device"], source_format=session_args["source_format"],
+                            on_epoch_start=session_args["hooks"].warmup_epoch_start,
+                            on_step=session_args["hooks"].step)
+        records = [dict(r, stage="warmup") for r in result.epochs]
+        run.write_metrics(records)
+    barrier(ctx)
+    return broadcast_object(ctx, records)
+
+
+def open_session(src: str, run: Run, config: PretrainConfig, *, resume: bool, ctx: Dist, device: str,
+                 source_format: str | None, hooks: Hooks, warmup_from: str | None) -> Session:
+    """Config, data, warm-up and training state of a new or resumed run."""
+    saved = None
+    if resume:
+        config, saved = _saved_config(run)
+    config.validate()
+    defense = make_defense(config)
+    source = open_pairs(src, format=source_format)  # a bad source fails before RUN is touched
+    if warmup_from and not defense.warms_up:
+        raise ValueError(f"--warmup-from does not apply to --defense {defense.name} (it has no warm-up)")
+    if warmup_from and saved is None and not run.warmup.exists():
+        if ctx.is_main:
+            adopt_warmup(warmup_from, run, config)
+        barrier(ctx)
+    if ctx.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.write_config(config.to_dict())
+    barrier(ctx)
+    records = run.read_metrics() if resume else []
+    dev = distributed.resolve_device(device, ctx)
+    if defense.warms_up and saved is None:
+        records = _warm_up(dict(src=src, device=str(dev), source_format=source_format, hooks=hooks), run, config,
+                           resume, ctx)
+    state, saved = _training_state(run, config, defense, saved, dev)
+    net = state.model
+    if ctx.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            state.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    session = Session(src, run, config, defense, source, ctx, state, net,
+                      Precision.choose(config.warmup.precision, dev), hooks, {}, 0, 0,
+                      defense.warm_epochs if saved is None else int(saved.position["epoch"]) + 1, records,
+                      str(run.latest_checkpoint()) if saved is not None else
+                      str(run.warmup) if defense.warms_up else None)
+    _plan_steps(session, saved)
+    return session
+
+
+def _training_state(run: Run, config: PretrainConfig, defense: Defense, saved: Progress | None,
+                    device: torch.device) -> tuple[TrainState, Progress | None]:
+    """Where phase 3 starts: the newest checkpoint (resume), the finished warm-up, or a fresh model."""
+    w = config.warmup
+    bank = w.memory_bank if defense.trains_unimodal else 0
+    if saved is not None:
+        state, _ = TrainState.resume(run.latest_checkpoint(), lr=w.lr, weight_decay=w.weight_decay,
+                                     memory_bank=bank, device=device)
+        return state, saved
+    if defense.warms_up:
+        state, _ = TrainState.resume(run.warmup, lr=w.lr, weight_decay=w.weight_decay, memory_bank=bank,
+                                     device=device)
+        return state, None
+    return TrainState.create(w.model, w.pretrained, lr=w.lr, weight_decay=w.weight_decay, memory_bank=bank,
+                             seed=w.seed, device=device), None
+
+
+def _plan_steps(session: Session, saved: Progress | None) -> None:
+    """Phase 3's LR schedule, fixed before any split: per epoch, the steps of the largest
+    per-rank share of shards, plus one for the second stream's partial batch."""
+    full = full_batches(session, plain=True)
+    counts = full.shard_counts()
+    n_pairs = full.pairs_per_epoch() if session.ctx.world_size == 1 else sum(counts)
+    if n_pairs < 2:
+        raise ValueError(f"{session.src}: need at least 2 pairs to train, found {n_pairs}")
+    session.shape = {"shards": len(session.source.shards), "pairs": sum(counts)}
+    if saved is not None and saved.source_shape and saved.source_shape != session.shape:
+        raise ValueError(f"{session.src}: not the data this run was trained on "
+                         f"({saved.source_shape} vs {session.shape})")
+    descending = sorted(counts, reverse=True)
+    largest_share = sum(descending[:math.ceil(len(descending) / session.ctx.world_size)])
+    session.steps_per_epoch = math.ceil(largest_share / session.config.warmup.batch_size) + 1
+    session.total_steps = max(1, (session.config.epochs - session.defense.warm_epochs) * session.steps_per_epoch)
+
+
+# ---- one epoch ---------------------------------------------------------------------------------
+
+def full_batches(session: Session, plain: bool) -> PairBatches:
+    """Batches over every pair (made once per view kind: counting a source's pairs can read it)."""
+    if plain not in session.full:
+        other = next(iter(session.full.values()), None)
+        session.full[plain] = _batches(session, session.source, plain,
+                                       shard_counts=other.shard_counts() if other else None)
+    return session.full[plain]
+
+
+def _batches(session: Session, source: PairSource, plain: bool, shard_counts: list[int] | None = None
+             ) -> PairBatches:
+    w = session.config.warmup
+    return PairBatches(source, session.state.tokenizer, session.state.image_size, w.batch_size, seed=w.seed,
+                       views=not plain, plain=plain, shuffle_buffer=w.shuffle_buffer, eda=EDA(alpha=w.eda_alpha),
+                       crop_scale=w.crop_scale, rank=session.ctx.rank, world_size=session.ctx.world_size,
+                       shard_counts=shard_counts)
+
+
+def use_split(session: Session, request: SplitRequest, epoch: int, record: dict, seconds: dict) -> Split:
+    """The epoch's split: made now (score every pair, then split) or an earlier one again."""
+    from .split import split
+
+    ctx, run, config = session.ctx, session.run, session.config
+    if request.at != epoch:
+        part = run.split(request.at)
+        record.update({"split": str(part.root), "safe_ratio": broadcast_object(
+            ctx, part.manifest().safe_share if ctx.is_main else None)})
+        return part
+    scores = run.scores(epoch)
+    from_training = request.from_training and scores.is_finished()
+    if not from_training:
+        if session.hooks.stage:
+            session.hooks.stage(f"epoch {epoch + 1} scoring", session.shape["pairs"] // ctx.world_size)
+        seconds["score"] = round(score_pass(
+            session.source, session.state.model, session.state.tokenizer, session.state.image_size, scores,
+            batch_size=config.score_batch_size, dtype=config.score_dtype, num_workers=config.warmup.num_workers,
+            ctx=ctx, device=session.state.device, checkpoint=session.last_checkpoint or "",
+            on_batch=session.hooks.score_batch), 3)
+    record["scored_by"] = "training pass" if from_training else "separate pass"
+    t = time.perf_counter()
+    manifest = None
+    if ctx.is_main:
+        previous = run.split(request.previous).root if request.previous is not None else None
+        manifest = split(scores.root, run.split(epoch).root, request.schedule, epoch=request.schedule_epoch,
+                         fit_sample=config.fit_sample, seed=config.warmup.seed, previous=previous,
+                         ranking=request.ranking, force=True).manifest
+    manifest = broadcast_object(ctx, manifest)
+    seconds["split"] = round(time.perf_counter() - t, 3)
+    record.update({"safe_ratio": manifest.counts["safe_share"], "ratio": manifest.ratio,
+                   "n_safe": manifest.counts["safe"], "n_risky": manifest.counts["risky"],
+                   "mixture": manifest.mixture, "split": str(run.split(epoch).root)})
+    if manifest.warnings:
+        record["split_warnings"] = manifest.warnings
+    return run.split(epoch)
+
+
+def stream_batches(session: Session, stream: Stream, split: Split | None) -> PairBatches | None:
+    """A stream's batches, or None when its partition is empty."""
+    if stream.partition is None:
+        return full_batches(session, stream.plain)
+    keys = broadcast_object(session.ctx, split.keys(stream.partition) if session.ctx.is_main else None)
+    if not sum(len(v) for v in keys.values()):
+        return None
+    return _batches(session, subset_source(session.source, keys), stream.plain)
+
+
+def _batches_for(data: PairBatches, epoch: int, num_workers: int, ctx: Dist) -> int:
+    """Steps this stream takes: DDP steps all ranks in lockstep with the same loss, so
+    every rank takes the minimum over ranks (a rank with one batch more skips its
+    last one this epoch; the shard order changes every epoch)."""
+    per_rank = []
+    for rank in range(ctx.world_size):
+        data.rank = rank
+        per_rank.append(data.batches_per_epoch(epoch, num_workers))
+    data.rank = ctx.rank
+    return min(per_rank)
+
+
+def train_epoch(session: Session, epoch: int, max_steps: int | None = None) -> dict:
+    """Split if the defense asks, then one pass over its streams; returns the metrics line."""
+    defense, config, ctx = session.defense, session.config, session.ctx
+    k = epoch - defense.warm_epochs  # the index inside phase 3 = the schedule's epoch
+    record: dict = {"epoch": epoch, "stage": "pretrain", "phase": defense.name, "phase_epoch": k,
+                    "clip_views": "plain" if defense.plain_clip else "cross"}
+    seconds: dict[str, float] = {}
+    request = defense.split_for(epoch)
+    split = use_split(session, request, epoch, record, seconds) if request is not None else None
+    streams, losses = {}, {}
+    for stream in defense.streams(epoch, split):
+        data = stream_batches(session, stream, split)
+        if data is not None:
+            data.set_epoch(epoch)
+            streams[stream.name], losses[stream.name] = data, stream.loss
+    counts = {name: _batches_for(data, epoch, config.warmup.num_workers, ctx) for name, data in streams.items()}
+    plan = interleave_plan(counts)
+    batches = {name: tagged(make_loader(data, config.warmup.num_workers), losses[name], counts[name])
+               for name, data in streams.items()}
+    if session.hooks.epoch_start:
+        session.hooks.epoch_start(defense.name, epoch, len(plan))
+    following = defense.split_for(epoch + 1) if epoch + 1 < config.epochs else None
+    session.kept = {} if following is not None and following.from_training else None
+    w = config.warmup
+    steps = Steps(session.net, session.state.device, w.temperature, session.state.banks, ctx=ctx,
+                  local_loss=config.local_loss, zero_scale_grad=True, keep=session.kept)
+    stats = EpochStats()
+    first_step = k * session.steps_per_epoch
+    taken = run_epoch(session.state.model, interleave(batches, plan), session.state.optimizer, steps, session.lr,
+                      first_step, stats, precision=session.precision, grad_clip=w.grad_clip, max_batches=max_steps,
+                      on_step=session.hooks.step)
+    seconds["train"] = round(stats.seconds, 3)
+    all_pairs = gather_object(ctx, stats.pairs)  # each rank trained on its own share
+    stats.pairs = sum(all_pairs) if all_pairs else stats.pairs
+    done = [losses[name] for name in plan[:taken]]
+    record.update({**stats.record(), "logit_scale": float(session.state.model.logit_scale.detach().exp()),
+                   "planned_steps": len(plan), "global_step": first_step + taken,
+                   **{f"steps_{loss}": done.count(loss) for loss in LOSSES}})
+    record["seconds"] = seconds
+    return record
+
+
+def finish_epoch(session: Session, epoch: int, record: dict) -> None:
+    """Next epoch's scores from this pass (when kept), evaluation, checkpoint and metrics."""
+    from ..evaluation.evaluate import zero_shot_top1
+
+    ctx, run, config, seconds = session.ctx, session.run, session.config, record["seconds"]
+    if session.kept is not None:
+        t = time.perf_counter()
+        gathered = gather_object(ctx, session.kept)
+        if ctx.is_main:
+            merged = {key: value for part in gathered for key, value in part.items()}
+            scores_from_training(merged, run.scores(epoch), run.scores(epoch + 1), config.score_dtype,
+                                 str(run.checkpoint(epoch)), session.source, ctx.world_size)
+        barrier(ctx)
+        seconds["score"] = seconds.get("score", 0.0) + round(time.perf_counter() - t, 3)
+        session.kept = None
+    k = epoch - session.defense.warm_epochs
+    if config.eval_every and ((k + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+        t = time.perf_counter()
+        state = session.state
+        result = (zero_shot_top1(state.model, state.tokenizer, state.image_size, config.eval_test,
+                                 config.eval_classes, state.device, config.score_batch_size) if ctx.is_main else None)
+        record.update(broadcast_object(ctx, result))
+        seconds["eval"] = round(time.perf_counter() - t, 3)
+    seconds["total"] = round(sum(seconds.values()), 3)
+    if ctx.is_main:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        session.state.save(run.checkpoint(epoch), Progress(
+            "pretrain", config.to_dict(), {"epoch": epoch, "global_step": record["global_step"]}, str(session.src),
+            session.shape, safe_ratio=record.get("safe_ratio")))
+        session.records = [r for r in session.records if not (r.get("stage") == "pretrain" and r["epoch"] >= epoch)]
+        session.records.append(record)
+        run.write_metrics(session.records)
+        for old in run.saved_epochs()[:-config.keep]:
+            run.checkpoint(old).unlink(missing_ok=True)
+    session.last_checkpoint = str(run.checkpoint(epoch))
+    barrier(ctx)
+    if session.hooks.epoch_end:
+        session.hooks.epoch_end(record)
+
+
+def finish_run(session: Session, seconds: float) -> PretrainResult:
+    run, config = session.run, session.config
+    finished = bool(run.saved_epochs()) and run.saved_epochs()[-1] == config.epochs - 1
+    if session.ctx.is_main:
+        run.write_stats({
+            "stage": "pretrain", "source": str(session.src), "run": str(run.root), "finished": finished,
+            "defense": config.defense, "config": config.to_dict(), "model": session.state.model_config.get("name"),
+            "pairs_per_epoch": session.shape["pairs"], "world_size": session.ctx.world_size,
+            "device": str(session.state.device), "last_checkpoint": session.last_checkpoint,
+            "seconds_this_invocation": round(seconds, 3), "epochs": session.records,
         })
-    return PretrainResult(str(layout.root), records, finished, last_ckpt)
+    return PretrainResult(str(run.root), session.records, finished, session.last_checkpoint)

@@ -32,8 +32,6 @@ embedding columns twice more, keeping one small int per row).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import time
 from dataclasses import dataclass, field

@@ -8,9 +8,13 @@ tensor is the positive of row i of the other; every other row is a negative.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .distributed import Dist
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's temperature clamp: logits are at most 100 x cosine
 
@@ -30,16 +34,32 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, scale: float | torch.Ten
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
-def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's loss; `logit_scale` is the model's learnable log-temperature."""
-    return info_nce(image_emb, text_emb, logit_scale.exp().clamp(max=MAX_LOGIT_SCALE))
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: float | torch.Tensor, *,
+              ctx: "Dist | None" = None, local_loss: bool = False) -> torch.Tensor:
+    """CLIP's loss at `scale` (the model's exp(logit_scale), clamped at 100 here).
+
+    Under torchrun the features of every rank are gathered first (gradient into this
+    rank's rows, as open_clip's ClipLoss): each rank computes the same global loss, or
+    with `local_loss` its own rows against every rank's columns."""
+    from .distributed import gather_features
+
+    scale = torch.as_tensor(scale).clamp(max=MAX_LOGIT_SCALE)
+    if ctx is None or not ctx.enabled:
+        return info_nce(image_emb, text_emb, scale)
+    (all_image, offset), (all_text, _) = gather_features(image_emb, ctx), gather_features(text_emb, ctx)
+    if not local_loss:
+        return info_nce(all_image, all_text, scale)
+    logits_image = scale * image_emb @ all_text.t()
+    logits_text = scale * text_emb @ all_image.t()
+    labels = torch.arange(len(image_emb), device=image_emb.device) + offset
+    return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
 
 
 def cross_clip_loss(image1: torch.Tensor, image2: torch.Tensor, text1: torch.Tensor, text2: torch.Tensor,
-                    logit_scale: torch.Tensor) -> torch.Tensor:
+                    scale: float | torch.Tensor) -> torch.Tensor:
     """SafeCLIP's CLIP loss on augmented views: image view 1 against text view 2 and
     image view 2 against text view 1, averaged."""
-    return 0.5 * (clip_loss(image1, text2, logit_scale) + clip_loss(image2, text1, logit_scale))
+    return 0.5 * (clip_loss(image1, text2, scale) + clip_loss(image2, text1, scale))
 
 
 class MemoryBank(torch.nn.Module):

@@ -1,0 +1,120 @@
+"""A defense decides, for every epoch of phase 3, what the model trains on.
+
+It answers two questions the pretrain loop asks each epoch:
+  `split_for(epoch)`   which split of the data the epoch uses: none, one made now
+                       (score every pair, fit, rank, cut with a ratio schedule), or an
+                       earlier one again;
+  `streams(epoch, split)`  which pairs train with which loss: a list of streams, each
+                       every pair or one partition of the split, with the CLIP loss
+                       (on plain pairs or two augmented views) or the unimodal loss.
+The loop interleaves the streams' batches in proportion to their sizes. Nothing here
+touches files or the model: a defense is policy, the stage does the work.
+
+Adding a defense is one class in one file of this package, registered with
+`@register`, plus its import in `__init__.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from ..io.artifacts import Split
+    from ..stages.config import PretrainConfig
+
+
+@dataclass(frozen=True)
+class SplitRequest:
+    """A split an epoch trains on: RUN/splits/epoch=`at`. Made at epoch `at` with the
+    schedule at its epoch `schedule_epoch`; `previous` is the epoch of an earlier split
+    whose start ratio r0 carries over; `from_training` scores it from the previous
+    epoch's training pass instead of a separate no-grad pass."""
+
+    at: int
+    schedule: str
+    schedule_epoch: int = 0
+    ranking: str = "global"
+    previous: int | None = None
+    from_training: bool = False
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Pairs trained with one loss in an epoch. `partition`: "safe" or "risky" of the
+    epoch's split, or None for every pair; `plain`: the CLIP loss on the pair as it is
+    (eval transform, caption as written) instead of two augmented views."""
+
+    name: str
+    loss: str
+    partition: str | None = None
+    plain: bool = False
+
+
+class Defense:
+    """The base: subclasses set `name` and override what differs."""
+
+    name: ClassVar[str] = ""
+    warms_up: ClassVar[bool] = True            # phases 1–2 (the warm-up) before phase 3
+    trains_unimodal: ClassVar[bool] = False    # keeps NNCLR memory banks for unimodal streams
+    default_schedule: ClassVar[str | None] = None
+    cross_views_by_default: ClassVar[bool] = False   # what --clip-views auto means
+    scores_from_training: ClassVar[bool] = False     # accepts --score-from-training
+
+    def __init__(self, config: "PretrainConfig"):
+        self.config = config
+
+    # ---- configuration ----------------------------------------------------------------
+
+    @property
+    def schedule(self) -> str:
+        return self.config.ratio_schedule or self.default_schedule or "safeclip"
+
+    @property
+    def plain_clip(self) -> bool:
+        """Whether the CLIP loss trains on plain pairs ("plain") or two views ("cross")."""
+        views = self.config.clip_views
+        return views == "plain" or (views == "auto" and not self.cross_views_by_default)
+
+    @property
+    def warm_epochs(self) -> int:
+        """Epochs of phases 1–2 at the start of the run."""
+        w = self.config.warmup
+        return w.unimodal_epochs + w.clip_epochs if self.warms_up else 0
+
+    def validate(self) -> None:
+        """Raise ValueError for settings this defense cannot run with."""
+        if self.config.score_from_training and not self.scores_from_training:
+            raise ValueError(f"--score-from-training does not apply to --defense {self.name}")
+        if self.warms_up:
+            self.config.warmup.validate()
+            if self.warm_epochs >= self.config.epochs:
+                raise ValueError(f"--unimodal-epochs + --clip-epochs ({self.warm_epochs}) must be fewer than "
+                                 f"--epochs ({self.config.epochs}): no epoch would be left to train on the split")
+
+    # ---- every epoch ------------------------------------------------------------------------
+
+    def split_for(self, epoch: int) -> SplitRequest | None:
+        return None
+
+    def streams(self, epoch: int, split: "Split | None") -> list[Stream]:
+        raise NotImplementedError
+
+
+DEFENSES: dict[str, type[Defense]] = {}
+
+
+def register(cls: type[Defense]) -> type[Defense]:
+    if not cls.name or cls.name in DEFENSES:
+        raise ValueError(f"defense name {cls.name!r} is empty or taken")
+    DEFENSES[cls.name] = cls
+    return cls
+
+
+def make_defense(config: "PretrainConfig") -> Defense:
+    """The registered defense `config.defense`, validated against the config."""
+    if config.defense not in DEFENSES:
+        raise ValueError(f"unknown defense {config.defense!r}; choose one of {', '.join(DEFENSES)}")
+    defense = DEFENSES[config.defense](config)
+    defense.validate()
+    return defense
