@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sanitize.io.artifacts import EmbedManifest, Embeddings, Split
+
 WORDS = ("a an the of in on with at by for from and man woman child dog cat car street city view "
          "photo picture image illustration vector portrait close up old young beautiful red blue green "
          "white black small large house tree river mountain beach sky sunset night people group two three "
@@ -56,8 +58,9 @@ def write_synthetic(root: Path, pairs: int, per_file: int, dim: int, seed: int) 
                 columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), dim)
         columns["similarity"] = pa.array(sims)
         pq.write_table(pa.table(columns), root / f"{index:05d}.parquet")
-    (root / "embed.json").write_text(json.dumps({"source": None, "source_format": "synthetic", "count": pairs,
-                                                 "dim": dim, "dtype": "float16"}))
+    Embeddings(root).write_manifest(EmbedManifest(
+        checkpoint="synthetic", source="", source_format="synthetic", dtype="float16", dim=dim, count=pairs,
+        shards=[f.name for f in Embeddings(root).files()]))
 
 
 def main() -> None:
@@ -73,7 +76,7 @@ def main() -> None:
 
     root = Path(args.dir)
     emb, part = root / "emb", root / "part"
-    if not (emb / "embed.json").exists():
+    if not Embeddings(emb).is_finished():
         t = time.perf_counter()
         write_synthetic(emb, args.pairs, args.per_file, args.dim, args.seed)
         print(f"generated {args.pairs:,} pairs in {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -86,7 +89,7 @@ def main() -> None:
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    manifest = json.loads((part / "split.json").read_text())
+    manifest = Split(part).manifest().to_json()
     result = {
         "pairs": manifest["counts"]["total"], "files": len(manifest["input_files"]), "dim": args.dim,
         "wall_s": round(wall, 1), "peak_rss_gib": round(peak_kib / 2**20, 2),

@@ -13,6 +13,21 @@ from sanitize.stages.config import PretrainConfig, WarmupConfig
 from .common import EpochBar, default_threads, done, fail, user_errors, warn
 
 P, W = PretrainConfig(), WarmupConfig()  # the library's defaults, shown and passed on
+HELP = {
+    "defense": "safeclip (the full loop); none (plain CLIP on every pair, no warm-up, never splits: the "
+               "baseline); clip-score (warm-up, one split with a fixed fraction/threshold, CLIP on that safe "
+               "set only).",
+    "clip_views": "What the CLIP loss trains on: cross (SafeCLIP's cross-augmented loss on two augmented views), "
+                  "plain (CLIP on the image and caption as they are; half the work), auto (cross for safeclip, "
+                  "plain for the none/clip-score baselines, as in the paper).",
+    "score_from_training": "Score each split from the embeddings the previous epoch's training pass computed "
+                           "(view 1 of every pair) instead of a separate no-grad pass.",
+    "warmup_from": "Take phases 1-2 from this finished warm-up checkpoint (`safeclip warmup`'s output or another "
+                   "run's RUN/warmup.pt) instead of training them; its settings must match this run's.",
+    "ratio_schedule": "Split schedule, as `safeclip split`: safeclip[:threshold=T,step=S,cap=C,r0=R], "
+                      "fraction:F, threshold:T [the defense's own: safeclip for safeclip, fraction:0.3 for "
+                      "clip-score].",
+}
 
 PRESET_HELP = ("Fill in every option not given: 'paper' = the official SafeCLIP defaults (RN50, batch 128 per "
                "process, AdamW lr 5e-4 wd 0.1, 10k warm-up steps then cosine, 32 epochs = 5 unimodal + 1 CLIP "
@@ -28,37 +43,27 @@ def pretrain(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: warmup.pt, checkpoints/, scores/epoch=K/, "
                                                       "splits/epoch=K/, metrics.jsonl, pretrain_stats.json."),
     preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
-    defense: str = typer.Option(P.defense, help="safeclip (the full loop); none (plain CLIP on every pair, "
-                                                 "no warm-up, never splits: the baseline); clip-score (warm-up, "
-                                                 "one split with a fixed fraction/threshold, CLIP on that safe "
-                                                 "set only)."),
+    defense: str = typer.Option(P.defense, help=HELP["defense"]),
     model: Optional[str] = typer.Option(None, help="open_clip architecture, shipped config "
                                                    "(safeclip-tiny-vit, safeclip-small-vit) or config .json."),
     pretrained: Optional[str] = typer.Option(None, help="Local open_clip checkpoint to start from."),
     epochs: Optional[int] = typer.Option(None, help=f"Total epochs including the warm-up [{P.epochs}]."),
     unimodal_epochs: Optional[int] = typer.Option(None, help=f"Phase 1 epochs [{W.unimodal_epochs}]."),
-    clip_epochs: Optional[int] = typer.Option(None, help=f"Phase 2 epochs (CLIP at --clip-lr-scale x lr) [{W.clip_epochs}]."),
+    clip_epochs: Optional[int] = typer.Option(None, help=f"Phase 2 epochs (CLIP at --clip-lr-scale x lr) "
+                                                         f"[{W.clip_epochs}]."),
     clip_lr_scale: Optional[float] = typer.Option(None, help=f"LR factor of the CLIP warm-up [{W.clip_lr_scale}]."),
     batch_size: Optional[int] = typer.Option(None, help=f"Pairs per batch per process [{W.batch_size}]."),
     lr: Optional[float] = typer.Option(None, help=f"Base learning rate, AdamW [{W.lr}]."),
     weight_decay: Optional[float] = typer.Option(None, "--wd", help=f"AdamW weight decay [{W.weight_decay}]."),
     warmup_steps: Optional[int] = typer.Option(None, help="Linear LR warm-up steps, per phase "
                                                           "[10% of the phase]."),
-    ratio_schedule: Optional[str] = typer.Option(None, help="Split schedule, as `safeclip split`: "
-                                                            "safeclip[:threshold=T,step=S,cap=C,r0=R], fraction:F, "
-                                                            "threshold:T [the defense's own: safeclip for safeclip, "
-                                                            "fraction:0.3 for clip-score]."),
+    ratio_schedule: Optional[str] = typer.Option(None, help=HELP["ratio_schedule"]),
     ranking: str = typer.Option(P.ranking, help="Split ranking: global (the paper's) or balanced."),
-    clip_views: str = typer.Option(P.clip_views, help="What the CLIP loss trains on: cross (SafeCLIP's "
-                                                "cross-augmented loss on two augmented views), plain (CLIP on "
-                                                "the image and caption as they are; half the work), auto "
-                                                "(cross for safeclip, plain for the none/clip-score baselines, "
-                                                "as in the paper)."),
-    score_from_training: bool = typer.Option(False, help="Score each split from the embeddings the previous "
-                                                         "epoch's training pass computed (view 1 of every pair) "
-                                                         "instead of a separate no-grad pass."),
+    clip_views: str = typer.Option(P.clip_views, help=HELP["clip_views"]),
+    score_from_training: bool = typer.Option(False, help=HELP["score_from_training"]),
     temperature: float = typer.Option(W.temperature, help="Temperature of the unimodal InfoNCE loss."),
-    memory_bank: Optional[int] = typer.Option(None, help=f"NNCLR memory bank per modality; 0 = in-batch [{W.memory_bank}]."),
+    memory_bank: Optional[int] = typer.Option(None, help=f"NNCLR memory bank per modality; 0 = in-batch "
+                                                         f"[{W.memory_bank}]."),
     eda_alpha: float = typer.Option(W.eda_alpha, help="EDA strength for caption views."),
     precision: str = typer.Option(W.precision, help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
     grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm to this value."),
@@ -66,7 +71,8 @@ def pretrain(
                                                 "(open_clip's --local-loss) instead of the full global logits."),
     fit_sample: int = typer.Option(P.fit_sample, help="Similarities sampled to fit the mixture."),
     keep: int = typer.Option(P.keep, help="Epoch checkpoints to keep (newest)."),
-    eval_every: int = typer.Option(P.eval_every, help="Zero-shot accuracy every K split epochs (and at the end); 0 = never."),
+    eval_every: int = typer.Option(P.eval_every, help="Zero-shot accuracy every K split epochs (and at the "
+                                                      "end); 0 = never."),
     eval_test: Optional[str] = typer.Option(None, help="Labelled test pairs for --eval-every."),
     eval_classes: str = typer.Option(P.eval_classes, help="Class names: built-in set, file or comma list."),
     # 1, not the library's 0: a worker process decodes and augments while this one trains
@@ -76,10 +82,7 @@ def pretrain(
                                         "not used by workers."),
     seed: int = typer.Option(W.seed, help="Seed for model init, data order, augmentations and the mixture fit."),
     source_format: Optional[str] = typer.Option(None, "--format", help="Force the source format."),
-    warmup_from: Optional[Path] = typer.Option(None, help="Take phases 1-2 from this finished warm-up "
-                                                          "checkpoint (`safeclip warmup`'s output or another "
-                                                          "run's RUN/warmup.pt) instead of training them; its "
-                                                          "settings must match this run's."),
+    warmup_from: Optional[Path] = typer.Option(None, help=HELP["warmup_from"]),
     resume: bool = typer.Option(False, help="Continue the run in --out from its newest checkpoint "
                                             "(its saved settings are used)."),
     overwrite: bool = typer.Option(False, help="Delete an existing run folder at --out first."),
@@ -120,6 +123,8 @@ def pretrain(
 
 
 def _summary(result, out: Path) -> None:
+    from sanitize.io.artifacts import Run
+
     last = [r for r in result.epochs if r.get("stage") == "pretrain"]
     for r in last:
         for message in r.get("split_warnings", []):
@@ -139,7 +144,7 @@ def _summary(result, out: Path) -> None:
     state = "done" if result.finished else "stopped"
     defense = last[-1]["phase"] if last else "warm-up"
     done(f"pretrain {state} ({defense}): {len(result.epochs)} epochs{tail} -> {out} "
-         f"(checkpoint {result.last_checkpoint}, metrics {out / 'metrics.jsonl'})")
+         f"(checkpoint {result.last_checkpoint}, metrics {Run(out).metrics})")
 
 
 def register(app: typer.Typer) -> None:

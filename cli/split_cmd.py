@@ -54,6 +54,7 @@ def split(
     force: bool = typer.Option(False, "--force", help="Replace an existing split in OUT."),
 ) -> None:
     """Split embedded pairs into safe and risky partitions (help text: HELP)."""
+    from sanitize.io.artifacts import Split
     from sanitize.stages.split import split as run_split
 
     with user_errors():
@@ -73,7 +74,7 @@ def split(
     done(f"split {counts['total']:,} pairs at epoch {epoch} ({how}): {counts['safe']:,} safe "
          f"({counts['safe_share']:.1%}, target ratio {m.ratio:.4f}{r0}), {counts['risky']:,} risky; "
          f"mixture means {mix['means'][0]:.3f} / {mix['means'][1]:.3f}; "
-         f"{m.timing_s['total']:.1f} s -> {out}/split.json")
+         f"{m.timing_s['total']:.1f} s -> {Split(out).manifest_path}")
 
 
 def register(app: typer.Typer) -> None:

@@ -22,12 +22,14 @@ def warmup(
                                                        "(safeclip-tiny-vit, safeclip-small-vit) or a config .json."),
     pretrained: Optional[str] = typer.Option(None, help="Local open_clip checkpoint to start from "
                                                         "(nothing is downloaded)."),
-    unimodal_epochs: int = typer.Option(W.unimodal_epochs, help="Phase 1: epochs of image-only and text-only contrastive learning."),
+    unimodal_epochs: int = typer.Option(W.unimodal_epochs, help="Phase 1: epochs of image-only and text-only "
+                                                                "contrastive learning."),
     clip_epochs: int = typer.Option(W.clip_epochs, help="Phase 2: epochs of CLIP loss at --clip-lr-scale x --lr."),
     clip_lr_scale: float = typer.Option(W.clip_lr_scale, help="Learning-rate factor for the CLIP warm-up."),
     batch_size: int = typer.Option(W.batch_size, help="Pairs per batch."),
     lr: float = typer.Option(W.lr, help="Base learning rate (AdamW)."),
-    weight_decay: float = typer.Option(W.weight_decay, "--wd", help="AdamW weight decay (none on norms, biases, logit scale)."),
+    weight_decay: float = typer.Option(W.weight_decay, "--wd", help="AdamW weight decay (none on norms, biases, "
+                                                                    "logit scale)."),
     warmup_steps: Optional[int] = typer.Option(None, help="Linear LR warm-up steps per phase "
                                                           "[default: 10% of the phase's steps]."),
     temperature: float = typer.Option(W.temperature, help="Temperature of the unimodal InfoNCE loss."),

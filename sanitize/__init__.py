@@ -1,3 +1,4 @@
-"""safeclip's library: one module per pipeline stage (see DESIGN.md)."""
+"""safeclip's library: role subpackages io, attacks, models, train, defenses, stages and
+evaluation; docs/design.md is the map."""
 
 __version__ = "0.1.0"

@@ -285,3 +285,34 @@ def test_torchrun_two_processes_split_equals_single_process(pairs_dir, tmp_path)
     single = split(scores, tmp_path / "single", "safeclip", epoch=0, seed=0)
     assert safe_keys(tmp_path / "single") == safe_keys(run / "splits" / "epoch=2")
     assert single.manifest.counts["safe"] == record["n_safe"]
+
+
+def test_a_new_defense_is_one_registered_class(full_run, pairs_dir, tmp_path, monkeypatch):
+    """docs/design.md's example: a class in one file plus its registration runs through the
+    whole loop (split once after the warm-up, plain CLIP on the safe set, unimodal on the rest)."""
+    from sanitize.defenses.base import DEFENSES, Defense, SplitRequest, Stream
+
+    class FixedSafeSet(Defense):
+        name = "fixed-90"
+        trains_unimodal = True
+        default_schedule = "fraction:0.9"
+
+        def split_for(self, epoch):
+            return SplitRequest(at=self.warm_epochs, schedule=self.schedule)
+
+        def streams(self, epoch, split):
+            return [Stream("clip", "clip", "safe", plain=True), Stream("unimodal", "unimodal", "risky")]
+
+    monkeypatch.setitem(DEFENSES, "fixed-90", FixedSafeSet)
+    seen = record_batch_kinds(monkeypatch)
+    run_full, _ = full_run
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), "--defense", "fixed-90", *ARGS,
+                                 "--warmup-from", str(run_full / "warmup.pt")])
+    assert result.exit_code == 0, result.output
+    records = metrics(run)[2:]
+    assert [r["phase"] for r in records] == ["fixed-90", "fixed-90"]
+    assert all(r["split"].endswith("epoch=2") for r in records) and not (run / "splits" / "epoch=3").exists()
+    assert len(safe_keys(run / "splits" / "epoch=2")) == 180
+    assert set(seen) == {"plain:clip", "views:unimodal"}
+    assert all(r["pairs"] == 200 and r["steps_clip"] >= 1 and r["steps_unimodal"] >= 1 for r in records)

@@ -2,7 +2,8 @@
 
 Why: a global ranking by `p_clean` fills the safe set with the easy concepts (pairs that
 are easy to match score high similarities), so hard concepts barely get cross-modal
-training (DESIGN.md: 66% of trouser pairs safe vs 5% of shirt pairs at r = 0.3). Here
+training (a Fashion-MNIST trial: 66% of trouser pairs safe vs 5% of shirt pairs at
+r = 0.3; docs/split.md). Here
 the pairs are clustered with faiss spherical k-means, and every cluster contributes
 its share of the safe count, picked by `p_clean` inside the cluster.
 

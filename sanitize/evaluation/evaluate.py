@@ -229,70 +229,26 @@ def _class_id(name: str | None, classes: list[str], what: str) -> int:
     return classes.index(name)
 
 
-def evaluate(config: EvalConfig, track: Callable = _identity_track) -> dict:
-    """Run every evaluation the inputs allow; returns the JSON-able result (see module doc)."""
-    from ..train.augment import eval_transform
-    from ..models.checkpoint import load_checkpoint
-    from ..models.factory import describe
-    from ..io.pairs import open_pairs
+def _ground_truth(config: EvalConfig, result: dict) -> tuple[list[dict], list[dict]]:
+    """The manifest's backdoors (with their trigger) and targets, checked against --classes."""
     from ..attacks.triggers import trigger_from_spec
 
-    timing: dict[str, float] = {}
-    start = time.perf_counter()
-    classes = config.classes
-    prompt_names = config.prompt_names or classes
-    if len(prompt_names) != len(classes):
-        raise ValueError("one prompt name per class is needed")
-    result: dict = {"checkpoint": os.path.abspath(config.checkpoint), "classes": classes,
-                    "prompt_names": prompt_names,
-                    "templates": {"source": config.templates_source, "count": len(config.templates),
-                                  "templates": config.templates},
-                    "seed": config.seed, "warnings": []}
+    if not config.manifest:
+        return [], []
+    rows = read_poison_manifest(config.manifest)
+    backdoors, targets = backdoors_in(rows), targets_in(rows)
+    for b in backdoors:
+        b["target_id"] = _class_id(b["target_class"], config.classes, f"{b['name']} target class")
+        b["apply"] = trigger_from_spec(b["trigger"])
+    for t in targets:
+        t["adversarial_id"] = _class_id(t["adversarial_class"], config.classes, "targeted adversarial class")
+    if not backdoors and not targets:
+        result["warnings"].append(f"{config.manifest}: no backdoor or targeted poisons in the manifest")
+    return backdoors, targets
 
-    # Cheap checks first, so a bad manifest or split fails before minutes of encoding.
-    backdoors, targets = [], []
-    if config.manifest:
-        rows = read_poison_manifest(config.manifest)
-        backdoors, targets = backdoors_in(rows), targets_in(rows)
-        for b in backdoors:
-            b["target_id"] = _class_id(b["target_class"], classes, f"{b['name']} target class")
-            b["apply"] = trigger_from_spec(b["trigger"])
-        for t in targets:
-            t["adversarial_id"] = _class_id(t["adversarial_class"], classes, "targeted adversarial class")
-        if not backdoors and not targets:
-            result["warnings"].append(f"{config.manifest}: no backdoor or targeted poisons in the manifest")
-    test_source = open_pairs(config.test)
-    train_source = open_pairs(config.train) if config.train else None
-    truth = config.truth or config.manifest
-    if config.split:
-        _check_split(config.split, truth)
 
-    model, tokenizer, image_size, model_config, _state = load_checkpoint(config.checkpoint, config.device)
-    model.eval()
-    result["model"] = describe(model_config)
-    transform = eval_transform(image_size)
-
-    t0 = time.perf_counter()
-    weights = zero_shot_weights(text_embeddings(model, tokenizer, prompt_names, config.templates,
-                                                device=config.device))
-    variants = {b["name"]: b["apply"] for b in backdoors}
-    test = image_features(test_source, model, transform, classes, variants=variants,
-                          batch_size=config.batch_size, device=config.device, track=track,
-                          description="test images" + (f" (+{len(variants)} triggered)" if variants else ""))
-    timing["encode_test"] = time.perf_counter() - t0
-    result["test"] = {"source": config.test, "pairs": len(test.keys), "labelled": int(np.sum(test.labels >= 0)),
-                      "skips": test_source.skips.as_dict()}
-    if result["test"]["labelled"] == 0:
-        raise ValueError(f"{config.test}: no test pair has a class (metadata `class_name` in --classes or an "
-                         f"integer `label` below {len(classes)})")
-    if result["test"]["labelled"] < len(test.keys):
-        result["warnings"].append(f"{len(test.keys) - result['test']['labelled']} test pair(s) have no known "
-                                  f"class and are left out of accuracy and attack success")
-
-    scores = zero_shot_scores(test.image, weights)
-    pred = predict(scores)
-    result["zero_shot"] = zero_shot_report(scores, test.labels, classes)
-
+def _attack_results(result: dict, backdoors: list[dict], targets: list[dict], test: Features, pred: np.ndarray,
+                    weights: np.ndarray, classes: list[str]) -> None:
     result["backdoor"] = []
     for b in backdoors:
         triggered = predict(zero_shot_scores(test.variants[b["name"]], weights))
@@ -308,27 +264,87 @@ def evaluate(config: EvalConfig, track: Callable = _identity_track) -> dict:
             result["warnings"].append(f"{len(result['targeted']['missing'])} targeted target image(s) are not in "
                                       f"--test (e.g. {result['targeted']['missing'][0]}); they are not counted")
 
-    result["linear_probe"] = None
-    if train_source is not None:
-        t0 = time.perf_counter()
-        train = image_features(train_source, model, transform, classes, batch_size=config.batch_size,
-                               device=config.device, track=track, description="train images")
-        timing["encode_train"] = time.perf_counter() - t0
-        known_train, known_test = train.labels >= 0, test.labels >= 0
-        t0 = time.perf_counter()
-        result["linear_probe"] = linear_probe(train.image[known_train], train.labels[known_train],
-                                              test.image[known_test], test.labels[known_test],
-                                              seed=config.seed, max_iter=config.max_iter)
-        timing["linear_probe"] = time.perf_counter() - t0
-        result["linear_probe"].update(source=config.train, skips=train_source.skips.as_dict(),
-                                      unlabelled=int(np.sum(~known_train)))
-        if not result["linear_probe"]["converged"]:
-            result["warnings"].append(f"linear probe did not converge in {config.max_iter} iterations")
 
+def _probe(config: EvalConfig, result: dict, model, transform: Callable, test: Features, timing: dict,
+           track: Callable) -> None:
+    from ..io.pairs import open_pairs
+
+    result["linear_probe"] = None
+    if not config.train:
+        return
+    train_source = open_pairs(config.train)
+    t0 = time.perf_counter()
+    train = image_features(train_source, model, transform, config.classes, batch_size=config.batch_size,
+                           device=config.device, track=track, description="train images")
+    timing["encode_train"] = time.perf_counter() - t0
+    known_train, known_test = train.labels >= 0, test.labels >= 0
+    t0 = time.perf_counter()
+    result["linear_probe"] = linear_probe(train.image[known_train], train.labels[known_train],
+                                          test.image[known_test], test.labels[known_test],
+                                          seed=config.seed, max_iter=config.max_iter)
+    timing["linear_probe"] = time.perf_counter() - t0
+    result["linear_probe"].update(source=config.train, skips=train_source.skips.as_dict(),
+                                  unlabelled=int(np.sum(~known_train)))
+    if not result["linear_probe"]["converged"]:
+        result["warnings"].append(f"linear probe did not converge in {config.max_iter} iterations")
+
+
+def evaluate(config: EvalConfig, track: Callable = _identity_track) -> dict:
+    """Run every evaluation the inputs allow; returns the JSON-able result (see module doc)."""
+    from ..io.pairs import open_pairs
+    from ..models.checkpoint import load_checkpoint
+    from ..models.factory import describe
+    from ..train.augment import eval_transform
+
+    timing: dict[str, float] = {}
+    start = time.perf_counter()
+    classes = config.classes
+    prompt_names = config.prompt_names or classes
+    if len(prompt_names) != len(classes):
+        raise ValueError("one prompt name per class is needed")
+    result: dict = {"checkpoint": os.path.abspath(config.checkpoint), "classes": classes,
+                    "prompt_names": prompt_names,
+                    "templates": {"source": config.templates_source, "count": len(config.templates),
+                                  "templates": config.templates},
+                    "seed": config.seed, "warnings": []}
+    # Cheap checks first, so a bad manifest, source or split fails before minutes of encoding.
+    backdoors, targets = _ground_truth(config, result)
+    test_source = open_pairs(config.test)
+    if config.train:
+        open_pairs(config.train)
+    truth = config.truth or config.manifest
+    if config.split:
+        _check_split(config.split, truth)
+
+    model, tokenizer, image_size, model_config, _state = load_checkpoint(config.checkpoint, config.device)
+    model.eval()
+    result["model"] = describe(model_config)
+    transform = eval_transform(image_size)
+    t0 = time.perf_counter()
+    weights = zero_shot_weights(text_embeddings(model, tokenizer, prompt_names, config.templates,
+                                                device=config.device))
+    variants = {b["name"]: b["apply"] for b in backdoors}
+    test = image_features(test_source, model, transform, classes, variants=variants,
+                          batch_size=config.batch_size, device=config.device, track=track,
+                          description="test images" + (f" (+{len(variants)} triggered)" if variants else ""))
+    timing["encode_test"] = time.perf_counter() - t0
+    labelled = int(np.sum(test.labels >= 0))
+    result["test"] = {"source": config.test, "pairs": len(test.keys), "labelled": labelled,
+                      "skips": test_source.skips.as_dict()}
+    if labelled == 0:
+        raise ValueError(f"{config.test}: no test pair has a class (metadata `class_name` in --classes or an "
+                         f"integer `label` below {len(classes)})")
+    if labelled < len(test.keys):
+        result["warnings"].append(f"{len(test.keys) - labelled} test pair(s) have no known class and are left "
+                                  f"out of accuracy and attack success")
+    scores = zero_shot_scores(test.image, weights)
+    pred = predict(scores)
+    result["zero_shot"] = zero_shot_report(scores, test.labels, classes)
+    _attack_results(result, backdoors, targets, test, pred, weights, classes)
+    _probe(config, result, model, transform, test, timing, track)
     result["detection"] = None
     if config.split:
-        result["detection"] = detection_metrics(**read_split_truth(config.split, truth))
-        result["detection"].update(split=config.split)
+        result["detection"] = dict(split_detection(config.split, truth), split=config.split)
         if result["detection"]["unlabelled"]:
             result["warnings"].append(f"{result['detection']['unlabelled']} pair(s) of the split are not in the "
                                       f"manifest; they count as neither poison nor clean")

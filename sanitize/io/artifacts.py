@@ -251,12 +251,6 @@ class Split:
         manifest = self.manifest()
         return manifest.source, manifest.source_format
 
-    def as_source(self, partition: str, source):
-        """The pairs of `source` (a PairSource) in one partition, shard order and positions kept."""
-        from .pairs import subset_source
-
-        return subset_source(source, self.keys(partition))
-
 
 # ---- poisoned sets ---------------------------------------------------------------------------
 
@@ -354,9 +348,11 @@ def warmup_finished(checkpoint: str | os.PathLike) -> bool:
 class Run:
     """A `safeclip pretrain` run folder."""
 
+    WARMUP = "warmup.pt"
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self.warmup = self.root / "warmup.pt"
+        self.warmup = self.root / self.WARMUP
         self.checkpoints = self.root / "checkpoints"
         self.metrics = self.root / "metrics.jsonl"
         self.stats = self.root / "pretrain_stats.json"
@@ -402,9 +398,6 @@ class Run:
 
     def write_config(self, config: dict) -> None:
         atomic_write_json(self.config, config)
-
-    def read_stats(self) -> dict:
-        return read_json(self.stats, "pretrain run")
 
     def write_stats(self, stats: dict[str, Any]) -> None:
         atomic_write_json(self.stats, stats)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .pairs import Pair, SourceError, open_pairs
+from .pairs import SHARD_STATS_SUFFIX, Pair, SourceError, open_pairs
 from .shards import atomic_write_bytes, atomic_write_json
 
 INPUT_FORMATS = ("txt", "csv", "tsv", "parquet", "json", "jsonl")
@@ -193,7 +193,7 @@ def img2dataset_totals(out_dir: str) -> dict:
     """Sum img2dataset's per-shard `NNNNN_stats.json` files."""
     totals = {"shards": 0, "count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
     errors: dict[str, int] = {}
-    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "*_stats.json"))):
+    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "*" + SHARD_STATS_SUFFIX))):
         try:
             with open(path) as f:
                 stats = json.load(f)

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from .pairs import Pair
+from .pairs import SIZES_FILE, Pair
 from .shards import ShardWriter, atomic_write_bytes, atomic_write_json
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -324,7 +324,7 @@ def gzip_shards(folder: str | os.PathLike) -> None:
     and open_clip all read .tar.gz shards.
     """
     folder = Path(folder)
-    sizes_path = folder / "sizes.json"
+    sizes_path = folder / SIZES_FILE
     sizes = json.loads(sizes_path.read_text()) if sizes_path.exists() else {}
     for tar in sorted(folder.glob("*.tar")):
         buffer = io.BytesIO()

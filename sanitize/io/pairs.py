@@ -34,6 +34,9 @@ from typing import Callable, Iterator, Sequence
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# img2dataset's layout beside the tars: per-shard stats, and open_clip's shard sizes.
+SHARD_STATS_SUFFIX = "_stats.json"
+SIZES_FILE = "sizes.json"
 FORMATS = ("webdataset", "parquet", "csv", "folder")
 # PIL formats kept byte-for-byte; anything else (BMP, GIF, TIFF, …) is re-encoded as
 # PNG on read, because webdataset/open_clip consumers only look for jpg/png/webp.
@@ -281,8 +284,13 @@ def _read_tar(shard: Shard, skips: Skips) -> Iterator[Pair]:
             skips.add("truncated tar (rest of shard lost)", shard.name, n=lost)
 
 
+def shard_stats_path(tar_path: str) -> str:
+    """img2dataset's `NNNNN_stats.json` beside `NNNNN.tar` (or `.tar.gz`)."""
+    return re.sub(r"\.tar(\.gz)?$", "", tar_path) + SHARD_STATS_SUFFIX
+
+
 def _stats_count(tar_path: str) -> int | None:
-    stats = re.sub(r"\.tar(\.gz)?$", "", tar_path) + "_stats.json"
+    stats = shard_stats_path(tar_path)
     try:
         with open(stats) as f:
             return int(json.load(f)["successes"])

@@ -18,7 +18,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterable
 
-from .pairs import Pair
+from .pairs import SIZES_FILE, Pair, shard_stats_path
 
 # img2dataset's sidecar parquet columns, in its order.
 SIDECAR_COLUMNS = ("url", "caption", "key", "status", "error_message", "width", "height",
@@ -106,7 +106,7 @@ class ShardWriter:
     def _write_sizes(self) -> None:
         """open_clip looks up every shard it trains on in sizes.json, so entries of
         shards already in the folder are kept (appending runs), stale ones dropped."""
-        sizes_path = self.out_dir / "sizes.json"
+        sizes_path = self.out_dir / SIZES_FILE
         existing = {}
         if sizes_path.exists():
             try:
@@ -150,7 +150,7 @@ class ShardWriter:
                  "failed_to_resize": 0, "status_dict": {"success": len(pairs)},
                  "written_by": "safeclip"}
         atomic_write_bytes(self.out_dir / f"{name}.parquet", parquet_buffer.getvalue())
-        atomic_write_json(self.out_dir / f"{name}_stats.json", stats)
+        atomic_write_json(shard_stats_path(str(self.out_dir / f"{name}.tar")), stats)
         atomic_write_bytes(self.out_dir / f"{name}.tar", tar_buffer.getvalue())  # last: marks the shard done
         self.sizes[f"{name}.tar"] = len(pairs)
         self.written += len(pairs)

@@ -129,10 +129,6 @@ def encode_pairs(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Ten
     return image_emb, text_emb
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def describe(config: dict) -> dict[str, Any]:
     """A short summary for stats files and logs."""
     return {"name": config.get("name"), "embed_dim": config.get("embed_dim"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..io.artifacts import Run
 from ..io.fashion_mnist import sample_path
 
 
@@ -29,7 +30,7 @@ class DemoConfig:
     clip_epochs: int = 2
     # The paper's 0.01 x lr assumes CC3M's ~20k steps an epoch; the sample has ~20, at which
     # 0.01 barely aligns the towers (docs/performance.md). Short full-rate CLIP warm-up aligns
-    # them, still far too little to learn 25 copies of a poison (measured in docs/demo.md).
+    # them, still far too little to learn 25 copies of a poison (docs/performance.md).
     clip_lr_scale: float = 1.0
     batch_size: int = 256
     lr: float = 1e-3
@@ -110,7 +111,7 @@ def run_demo(config: DemoConfig, on_stage: Stage = lambda name: None, force: boo
         return result
 
     poisoned = timed("poison", lambda: _inject(sample_path(), out, config))
-    checkpoint, emb, part, report = out / "warmup.pt", out / "embeddings", out / "split", out / "report.html"
+    checkpoint, emb, part, report = out / Run.WARMUP, out / "embeddings", out / "split", out / "report.html"
     warmup_config = WarmupConfig(unimodal_epochs=config.unimodal_epochs, clip_epochs=config.clip_epochs,
                                  clip_lr_scale=config.clip_lr_scale, batch_size=config.batch_size, lr=config.lr,
                                  seed=config.seed, num_workers=1)

@@ -32,7 +32,7 @@ def export_partition(part_dir: str | os.PathLike, partition: str, out_dir: str |
         raise FileNotFoundError(f"{split.partition_dir(partition)}: no partition files (run `safeclip split` first)")
     if source is None:
         if not path:
-            raise ValueError(f"{part_dir}/split.json does not record its source; pass it with --source")
+            raise ValueError(f"{split.manifest_path} does not record its source; pass it with --source")
         source = open_pairs(path, format=fmt)
     found: set[str] = set()
     with ShardWriter(out_dir, samples_per_shard) as writer:

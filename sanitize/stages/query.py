@@ -25,7 +25,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..io.artifacts import Split, is_poison_manifest, parquet_files, poison_manifest_path
+from ..io.artifacts import POISON_MANIFEST, Split, is_poison_manifest, parquet_files, poison_manifest_path
 
 READ_STATEMENTS = ("SELECT", "EXPLAIN")
 
@@ -108,7 +108,7 @@ def locate(part: str | os.PathLike, meta: str | None = None, truth: str | None =
     if not found.meta:
         found.notes.append("no `meta` view (no img2dataset sidecar Parquet found; use --meta)")
     if found.truth is None:
-        found.notes.append("no `truth` view (no poison manifest.parquet beside the source; use --truth)")
+        found.notes.append(f"no `truth` view (no poison {POISON_MANIFEST} beside the source; use --truth)")
     return found
 
 

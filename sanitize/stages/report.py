@@ -26,7 +26,7 @@ import numpy as np
 
 from ..defenses.gmm import Mixture, density
 from ..evaluation.evaluate import split_detection
-from ..io.artifacts import Split
+from ..io.artifacts import Embeddings, Split
 from .query import connect, locate, view_names
 
 SAFE_COLOUR, RISKY_COLOUR = "#3a9d5d", "#d1495b"
@@ -110,7 +110,7 @@ def attach_thumbnails(pairs: list[RiskyPair], source: str | None, source_format:
     if not pairs:
         return None
     if not source:
-        return "no thumbnails: the embedding folder records no source (embed.json)"
+        return f"no thumbnails: the embedding folder records no source ({Embeddings.MANIFEST})"
     try:
         src = open_pairs(source, format=source_format if source_format in ("webdataset", "parquet", "csv",
                                                                             "folder") else None)

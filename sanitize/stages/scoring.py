@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..defenses.balance import vectors_to_numpy
 from ..io.artifacts import Embeddings, embedding_file_name
 from ..io.pairs import PairSource
 from ..io.shards import atomic_write_bytes
@@ -77,9 +78,8 @@ def scores_from_training(kept: dict[str, tuple[np.ndarray, np.ndarray]], previou
     rescored = 0
     for path in previous.files():
         table = pq.read_table(path)
-        dim = table.schema.field("image_emb").type.list_size
-        image = np.asarray(table.column("image_emb").combine_chunks().flatten(), np.float32).reshape(-1, dim)
-        text = np.asarray(table.column("text_emb").combine_chunks().flatten(), np.float32).reshape(-1, dim)
+        image = vectors_to_numpy(table.column("image_emb"), f"{path.name}: image_emb")
+        text = vectors_to_numpy(table.column("text_emb"), f"{path.name}: text_emb")
         for row, key in enumerate(table.column("key").to_pylist()):
             hit = kept.get(key)
             if hit is not None:

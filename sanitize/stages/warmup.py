@@ -130,6 +130,21 @@ def ignored_on_resume(out: str | os.PathLike, config: WarmupConfig) -> list[str]
     return [k for k, v in given.items() if v != defaults.get(k) and k in saved and saved[k] != v]
 
 
+def _write_stats(path: Path, src: str, out: Path, config: WarmupConfig, position: WarmupState, state: TrainState,
+                 data: PairBatches, phase_steps: dict, device: torch.device, records: list[dict],
+                 partial: dict | None) -> None:
+    atomic_write_json(path, {
+        "stage": "warmup", "source": str(src), "checkpoint": str(out), "finished": position.finished,
+        "epochs_done": position.epochs_done, "global_step": position.global_step,
+        "model": state.model_config.get("name"), "pairs_per_epoch": data.pairs_per_epoch(),
+        "steps_per_phase": phase_steps, "config": config.to_dict(), "device": str(device),
+        # Every epoch reads the same source, so its first epoch's skips are the source's.
+        "source_skips": records[0]["skipped"] if records else {},
+        "epochs": records,
+        "unfinished_epoch": partial,  # where --max-steps stopped (timings for a fraction of an epoch)
+    })
+
+
 def run_warmup(src: str, out: str | os.PathLike, config: WarmupConfig, *, resume: bool = False,
                device: str = "auto", max_steps: int | None = None, source_format: str | None = None,
                threads: int | None = None, csv_options: CsvOptions | None = None,
@@ -205,15 +220,6 @@ def run_warmup(src: str, out: str | os.PathLike, config: WarmupConfig, *, resume
         if on_epoch_end is not None:
             on_epoch_end(record)
 
-    atomic_write_json(stats_path, {
-        "stage": "warmup", "source": str(src), "checkpoint": str(out), "finished": position.finished,
-        "epochs_done": position.epochs_done, "global_step": position.global_step,
-        "model": state.model_config.get("name"), "pairs_per_epoch": data.pairs_per_epoch(),
-        "steps_per_phase": phase_steps, "config": config.to_dict(), "device": str(dev),
-        # Every epoch reads the same source, so its first epoch's skips are the source's.
-        "source_skips": records[0]["skipped"] if records else {},
-        "epochs": records,
-        "unfinished_epoch": partial,  # where --max-steps stopped (timings for a fraction of an epoch)
-    })
+    _write_stats(stats_path, src, out, config, position, state, data, phase_steps, dev, records, partial)
     return WarmupResult(str(out), str(metrics_path), str(stats_path), records, position.finished,
                         position.global_step)

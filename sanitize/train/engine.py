@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .distributed import Dist
-from .losses import MAX_LOGIT_SCALE, MemoryBank, clamp_logit_scale_, clip_loss, unimodal_loss
+from .losses import MAX_LOGIT_SCALE, MemoryBank, clamp_logit_scale_, clip_loss, cross_clip_loss, unimodal_loss
 from .optim import set_lr
 
 LOSSES = ("clip", "unimodal")
@@ -79,16 +79,14 @@ class Steps:
             for i, key in enumerate(batch["key"]):
                 self.keep[key] = (image1[i], text1[i])
         if batch["loss"] == "clip":
-            loss = (self._clip(image, text, scale) if plain else
-                    0.5 * (self._clip(image[:n], text[n:], scale) + self._clip(image[n:], text[:n], scale)))
+            common = dict(ctx=self.ctx, local_loss=self.local_loss)
+            loss = (clip_loss(image, text, scale, **common) if plain else
+                    cross_clip_loss(image[:n], image[n:], text[:n], text[n:], scale, **common))
             return loss, {"loss_clip": loss.item()}
         loss_image = unimodal_loss(image[:n], image[n:], self.temperature, self.banks.get("image"))
         loss_text = unimodal_loss(text[:n], text[n:], self.temperature, self.banks.get("text"))
         loss = loss_image + loss_text + (0.0 * scale if self.zero_scale_grad else 0.0)
         return loss, {"loss_image": loss_image.item(), "loss_text": loss_text.item()}
-
-    def _clip(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return clip_loss(image, text, scale, ctx=self.ctx, local_loss=self.local_loss)
 
 
 @dataclass

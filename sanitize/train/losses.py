@@ -56,10 +56,12 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: float | to
 
 
 def cross_clip_loss(image1: torch.Tensor, image2: torch.Tensor, text1: torch.Tensor, text2: torch.Tensor,
-                    scale: float | torch.Tensor) -> torch.Tensor:
+                    scale: float | torch.Tensor, *, ctx: "Dist | None" = None, local_loss: bool = False
+                    ) -> torch.Tensor:
     """SafeCLIP's CLIP loss on augmented views: image view 1 against text view 2 and
     image view 2 against text view 1, averaged."""
-    return 0.5 * (clip_loss(image1, text2, scale) + clip_loss(image2, text1, scale))
+    return 0.5 * (clip_loss(image1, text2, scale, ctx=ctx, local_loss=local_loss)
+                  + clip_loss(image2, text1, scale, ctx=ctx, local_loss=local_loss))
 
 
 class MemoryBank(torch.nn.Module):
