@@ -75,13 +75,25 @@ def _histogram(con, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _most_risky(con, part: str, top: int, with_truth: bool) -> list[RiskyPair]:
-    files = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in locate(part).risky) + "]"
+    """The `top` highest-ranked risky pairs with the shard each comes from (read here, not
+    through the query sandbox, which opens no file itself)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    tables = []
+    for f in locate(part).risky:
+        table = pq.read_table(f, columns=["key", "caption", "similarity", "p_clean", "rank"])
+        tables.append(table.append_column("shard", pa.array([Path(f).stem] * table.num_rows, pa.string())))
+    table = pa.concat_tables(tables)
+    table = table.take(pc.sort_indices(table, [("rank", "descending")])[: int(top)])
+    con.register("_safeclip_report_top", table)
     attack = ("(SELECT CASE WHEN t.kind = 'poison' THEN coalesce(t.attack, 'poison') WHEN t.kind = 'noise' "
               "THEN 'noise' END FROM truth t WHERE t.key = r.key LIMIT 1)") if with_truth else "NULL"
-    rows = con.execute(
-        f"SELECT key, caption, similarity, p_clean, rank, filename, {attack} FROM read_parquet({files}, "
-        f"filename = true) r ORDER BY rank DESC LIMIT {int(top)}").fetchall()
-    return [RiskyPair(k, c, float(s), float(p), int(r), Path(f).stem, a) for k, c, s, p, r, f, a in rows]
+    rows = con.execute(f"SELECT key, caption, similarity, p_clean, rank, shard, {attack} "
+                       "FROM _safeclip_report_top r ORDER BY rank DESC").fetchall()
+    con.unregister("_safeclip_report_top")
+    return [RiskyPair(k, c, float(s), float(p), int(r), f, a) for k, c, s, p, r, f, a in rows]
 
 
 def thumbnail_uri(image, size: int) -> str:
@@ -134,7 +146,7 @@ def attach_thumbnails(pairs: list[RiskyPair], source: str | None, source_format:
 def gather(part: str | os.PathLike, top: int = 24, bins: int = 60, thumb_px: int = 96,
            meta: str | None = None, truth: str | None = None) -> ReportData:
     part = str(part)
-    manifest = Split(part).manifest().to_json()
+    manifest = Split(part).check_complete().to_json()  # a half-written split is never reported
     con = connect(part, meta=meta, truth=truth)
     with_truth = "truth" in view_names(con)
     edges, safe, risky = _histogram(con, bins)
