@@ -135,12 +135,11 @@ def eval_cmd(
     max_iter: int = typer.Option(1000, "--max-iter", min=1, help="Linear probe: logistic regression iterations."),
 ) -> None:
     """Evaluate a checkpoint (see HELP)."""
-    import torch
-
     from sanitize.evaluation.evaluate import EvalConfig, evaluate
     from sanitize.io.artifacts import find_poison_manifest
     from sanitize.io.shards import atomic_write_json
     from sanitize.evaluation.templates import load_classes, load_templates
+    from sanitize.train.distributed import resolve_device
 
     with user_errors():
         if out is not None and (out.is_dir() or not out.parent.is_dir()):
@@ -151,8 +150,7 @@ def eval_cmd(
         manifest_file = find_poison_manifest(poison_dir, manifest) if (poison_dir or manifest) else None
         if truth is not None and split is None:
             fail("--truth is for --split; give --split PART too")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(resolve_device(device))  # no CUDA, or a bogus name: one line before any work
         config = EvalConfig(checkpoint=str(checkpoint), test=test, classes=list(class_set.names),
                             prompt_names=list(class_set.prompt_names), templates=prompts,
                             templates_source=str(templates) if templates else "default", train=train,
