@@ -161,3 +161,78 @@ def test_dataloader_workers_die_with_a_killed_embed(many_shards, tiny_checkpoint
         if _alive(w):
             os.kill(w, signal.SIGKILL)
     assert gone, "DataLoader workers outlived the killed embed"
+
+
+LOADER_IN_A_THREAD = """
+import threading, time, torch
+from sanitize.io.workers import exit_with_parent
+
+class Slow(torch.utils.data.IterableDataset):
+    def __iter__(self):  # one item, then a long decode: the worker never polls its queue meanwhile
+        yield 0
+        time.sleep(60)
+        yield 1
+
+def run():
+    loader = torch.utils.data.DataLoader(Slow(), batch_size=None, num_workers=2,
+                                         worker_init_fn=exit_with_parent())
+    for _ in loader:
+        pass
+
+threading.Thread(target=run).start()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_of_a_loader_in_a_thread_poll_for_their_parent(tmp_path):
+    """Off the main thread the kernel's parent-death signal would follow the thread, so the
+    workers poll for the parent process instead: still gone right after a kill -9."""
+    proc = subprocess.Popen([sys.executable, "-c", LOADER_IN_A_THREAD], env=ENV)
+    try:
+        assert _wait_for(lambda: len(_children(proc.pid)) >= 2 or proc.poll() is not None, timeout=60)
+        time.sleep(0.5)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2 and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    gone = _wait_for(lambda: not any(_alive(w) for w in workers), timeout=2.0)
+    for w in workers:
+        if _alive(w):
+            os.kill(w, signal.SIGKILL)
+    assert gone, "DataLoader workers outlived their killed parent"
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE semantics")
+def test_a_write_the_kernel_refuses_is_one_line_and_leaves_nothing_half_written(class_pairs_dir, tiny_checkpoint,
+                                                                                  tmp_path):
+    """A real failed write (the process's file size limit: EFBIG from the kernel, like a full
+    disk mid-file): one line, no temporary or truncated file, and a rerun finishes the job."""
+    rng = np.random.default_rng(2)
+    emb = write_emb(tmp_path / "emb", {f"{i:05d}": mixture_similarities(3000, rng) for i in range(2)})
+    limited = _file_size_limit(30_000)
+    commands = {
+        "split": ["split", emb, "--out", tmp_path / "part", "-r", "fraction:0.5"],
+        "embed": ["embed", class_pairs_dir, "-c", tiny_checkpoint, "-o", tmp_path / "e", "--workers", "0",
+                  "--dtype", "float32"],
+    }
+    for name, args in commands.items():
+        result = _run(*args, preexec_fn=limited)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert "file too large" in lines[0] and ".tmp" not in lines[0], lines[0]
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary file left anywhere
+    assert not (tmp_path / "part" / "split.json").exists() and not (tmp_path / "e" / "embed.json").exists()
+    assert _run("split", emb, "--out", tmp_path / "part", "-r", "fraction:0.5").returncode == 0
+    query = _run("query", tmp_path / "part", "SELECT * FROM pairs", "--out", tmp_path / "q.csv", preexec_fn=limited)
+    assert query.returncode == 1 and "q.csv: file too large" in query.stderr
+    assert not (tmp_path / "q.csv").exists() and not [p for p in tmp_path.glob(".q.csv*")]
+    assert _run(*commands["embed"]).returncode == 0  # resumes after the file that failed
