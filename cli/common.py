@@ -71,7 +71,7 @@ _OS_ERRORS = {
 
 def os_error_message(exc: OSError) -> str:
     """One line for an OSError, e.g. 'OUT/00003.parquet: no space left on the device; free
-    some space and rerun the same command (finished files are kept, nothing half-written is)'."""
+    some space and rerun (finished files are kept, nothing half-written is: …)'."""
     code = exc.errno
     if code is None:  # pyarrow's IOError carries the errno in its text: "[errno 28] No space left …"
         match = re.search(r"\[errno (\d+)\]", str(exc), re.IGNORECASE)
@@ -79,8 +79,11 @@ def os_error_message(exc: OSError) -> str:
     what = _OS_ERRORS.get(code) or exc.strerror or one_line_message(exc)
     where = f"{_final_name(str(exc.filename))}: " if exc.filename else ""
     hint = ""
-    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if code in (errno.ENOSPC, errno.EDQUOT):
         hint = "; free some space and rerun (finished files are kept, nothing half-written is: docs/reliability.md)"
+    elif code == errno.EFBIG:
+        hint = ("; write to a file system that takes larger files, or raise `ulimit -f`, and rerun (finished "
+                "files are kept, nothing half-written is: docs/reliability.md)")
     return f"{where}{what}{hint}"
 
 

@@ -131,7 +131,7 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the JSON result to this file."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the linear probe."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for the linear probe."),
     max_iter: int = typer.Option(1000, "--max-iter", min=1, help="Linear probe: logistic regression iterations."),
 ) -> None:
     """Evaluate a checkpoint (see HELP)."""

@@ -507,6 +507,9 @@ def test_bad_devices_are_one_line(class_pairs_dir, tiny_checkpoint, tmp_path, de
     ["poison", "{src}", "--attack", "wanet", "--target-class", "coat", "--out", "{tmp}/po", "--strength", "nan"],
     ["download", "{tmp}/urls.tsv", "--out", "{tmp}/dl", "--timeout", "0"],
     ["download", "{tmp}/urls.tsv", "--out", "{tmp}/dl", "--retries", "-1"],
+    ["eval", "{ckpt}", "--test", "{src}", "--classes", "a,b", "--train", "{src}", "--seed", "-1"],
+    ["demo", "--out", "{tmp}/demo", "--unimodal-epochs", "-1"],
+    ["demo", "--out", "{tmp}/demo", "--workers", "-1"],
 ])
 def test_numeric_options_are_validated(class_pairs_dir, tiny_checkpoint, sandbox_split, tmp_path, args):
     (tmp_path / "urls.tsv").write_text("url\tcaption\nhttp://127.0.0.1:9/x.png\tx\n")

@@ -136,7 +136,7 @@ def is_safe_key(key: str) -> bool:
 
 def duplicate_key_message(key: str, where: str) -> str:
     return (f"{where}: key {key!r} occurs more than once in the source; keys must be unique "
-            f"(fix the source, or read it with --duplicate-keys rename: see docs/reliability.md)")
+            f"(fix the source, or embed it with --duplicate-keys rename: see docs/reliability.md)")
 
 
 @dataclass

@@ -48,9 +48,27 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(path)  # a failed write (a full disk) says which file
+        named = write_error(exc, path)
+        if named is not exc:
+            raise named from exc
         raise
+
+
+def write_error(exc: BaseException, path: str | os.PathLike) -> BaseException:
+    """A failed write that says which file: an OSError from the system (a full disk, a
+    quota, a file size limit) gets `path` as its file name; pyarrow's, which carries the
+    errno only in its text ("[errno 28] …"), becomes a plain OSError. Anything else as is."""
+    if not isinstance(exc, OSError):
+        return exc
+    if exc.errno is not None:
+        if exc.filename is None:
+            exc.filename = str(path)
+        return exc
+    match = re.search(r"\[errno (\d+)\]", str(exc), re.IGNORECASE)
+    if match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    return exc
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

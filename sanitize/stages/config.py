@@ -29,6 +29,8 @@ class EmbedConfig:
             raise ValueError("--batch-size must be >= 1")
         if self.workers < 0:
             raise ValueError("--workers must be >= 0")
+        if self.seed < 0:
+            raise ValueError("--seed must be >= 0")
         if self.duplicate_keys not in ("error", "rename"):
             raise ValueError(f"unknown --duplicate-keys {self.duplicate_keys!r}; choose error or rename")
 

@@ -115,8 +115,11 @@ def thumbnail_uri(image, size: int) -> str:
     return f"data:image/{'png' if small else 'jpeg'};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def attach_thumbnails(pairs: list[RiskyPair], source: str | None, source_format: str | None, size: int) -> str | None:
-    """Read the images of `pairs` from the source; returns a note when they cannot all be found."""
+def attach_thumbnails(pairs: list[RiskyPair], source: str | None, source_format: str | None, size: int,
+                      duplicate_keys: str = "error") -> str | None:
+    """Read the images of `pairs` from the source, each from its own shard (a pair is its shard
+    and key); returns a note when they cannot all be found."""
+    from ..io.artifacts import embedding_file_name
     from ..io.pairs import SourceError, open_pairs
 
     if not pairs:
@@ -125,21 +128,27 @@ def attach_thumbnails(pairs: list[RiskyPair], source: str | None, source_format:
         return f"no thumbnails: the embedding folder records no source ({Embeddings.MANIFEST})"
     try:
         src = open_pairs(source, format=source_format if source_format in ("webdataset", "parquet", "csv",
-                                                                            "folder") else None)
+                                                                            "folder") else None,
+                         duplicate_keys=duplicate_keys)
     except SourceError as exc:
         return f"no thumbnails: {exc}"
-    wanted: dict[str, list[RiskyPair]] = {}
+    # Embedding (and partition) files are named after their source shard, so only those shards are read.
+    stems = {Path(embedding_file_name(s.name)).stem: s for s in src.shards}
+    by_shard = all(p.shard in stems for p in pairs)
+    wanted: dict[tuple[str, str], list[RiskyPair]] = {}
     for p in pairs:
-        wanted.setdefault(p.key, []).append(p)
-    shards_wanted = {p.shard for p in pairs}
-    # Embedding files are named after their source shard, so only those shards are read.
-    shards = [s for s in src.shards if Path(s.name).stem in shards_wanted] or src.shards
-    for shard in shards:
-        for pair in shard.pairs(src.skips):
-            for target in wanted.pop(pair.key, []):
-                target.thumbnail = thumbnail_uri(pair.image, size)
-            if not wanted:
-                return None
+        wanted.setdefault((p.shard if by_shard else "", p.key), []).append(p)
+    shards = [stems[s] for s in sorted({p.shard for p in pairs})] if by_shard else src.shards
+    try:
+        for shard in shards:
+            stem = Path(embedding_file_name(shard.name)).stem if by_shard else ""
+            for pair in shard.pairs(src.skips):
+                for target in wanted.pop((stem, pair.key), []):
+                    target.thumbnail = thumbnail_uri(pair.image, size)
+                if not wanted:
+                    return None
+    except SourceError as exc:
+        return f"no thumbnails: {exc}"
     return f"no thumbnail for {sum(len(v) for v in wanted.values())} pair(s): key not found in {source}"
 
 
@@ -152,7 +161,8 @@ def gather(part: str | os.PathLike, top: int = 24, bins: int = 60, thumb_px: int
     edges, safe, risky = _histogram(con, bins)
     pairs = _most_risky(con, part, top, with_truth)
     notes = []
-    note = attach_thumbnails(pairs, manifest.get("source"), manifest.get("source_format"), thumb_px)
+    note = attach_thumbnails(pairs, manifest.get("source"), manifest.get("source_format"), thumb_px,
+                             manifest.get("duplicate_keys") or "error")
     if note:
         notes.append(note)
     detection = split_detection(part, truth)["rows"] if with_truth else None

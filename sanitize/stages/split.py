@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from ..defenses.gmm import clean_log_odds, fit_mixture, posterior_from_log_odds
 from ..defenses.schedule import Schedule, parse_schedule, plan_split
 from ..io.artifacts import PARTITIONS, Embeddings, Split, SplitManifest, check_unique_keys
-from ..io.shards import remove_stale_temps, temp_path
+from ..io.shards import remove_stale_temps, temp_path, write_error
 
 T = TypeVar("T")
 DEFAULT_FIT_SAMPLE = 1_000_000
@@ -298,8 +298,9 @@ def _write_partitions(files: list[EmbFile], out: Path, p_clean: np.ndarray, rank
                     with contextlib.suppress(Exception):
                         writers[name].close()
                 tmp[name].unlink(missing_ok=True)
-            if isinstance(exc, OSError) and exc.filename is None:
-                exc.filename = f"{out}/{{safe,risky}}/{f.name}.parquet"  # which files could not be written
+            named = write_error(exc, f"{out}/{{safe,risky}}/{f.name}.parquet")  # which files could not be written
+            if named is not exc:
+                raise named from exc
             raise
         for p in PARTITIONS:
             os.replace(tmp[p], out / p / f"{f.name}.parquet")
