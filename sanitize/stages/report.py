@@ -75,18 +75,15 @@ def _histogram(con, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _most_risky(con, part: str, top: int, with_truth: bool) -> list[RiskyPair]:
-    """The `top` highest-ranked risky pairs with the shard each comes from (read here, not
-    through the query sandbox, which opens no file itself)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    """The `top` highest-ranked risky pairs with the shard each comes from. The sandboxed
+    connection opens no file itself, so this fixed query over the split's own files runs on
+    a private connection; the attack of each pair is then looked up in the sandbox's `truth`."""
+    import duckdb
 
-    tables = []
-    for f in locate(part).risky:
-        table = pq.read_table(f, columns=["key", "caption", "similarity", "p_clean", "rank"])
-        tables.append(table.append_column("shard", pa.array([Path(f).stem] * table.num_rows, pa.string())))
-    table = pa.concat_tables(tables)
-    table = table.take(pc.sort_indices(table, [("rank", "descending")])[: int(top)])
+    files = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in locate(part).risky) + "]"
+    table = duckdb.connect(":memory:").sql(
+        f"SELECT key, caption, similarity, p_clean, rank, parse_filename(filename, true) AS shard "
+        f"FROM read_parquet({files}, filename = true) ORDER BY rank DESC LIMIT {int(top)}").to_arrow_table()
     con.register("_safeclip_report_top", table)
     attack = ("(SELECT CASE WHEN t.kind = 'poison' THEN coalesce(t.attack, 'poison') WHEN t.kind = 'noise' "
               "THEN 'noise' END FROM truth t WHERE t.key = r.key LIMIT 1)") if with_truth else "NULL"
