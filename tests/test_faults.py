@@ -445,6 +445,19 @@ def test_disk_full_in_embed_is_one_line_and_leaves_no_partial_file(class_pairs_d
                 "--dtype", "float32").exit_code == 0
 
 
+def test_disk_full_in_pretrain_and_report_is_one_line(class_pairs_dir, sandbox_split, tmp_path, monkeypatch):
+    from sanitize.io import shards
+
+    _full_disk(monkeypatch, shards, after=100_000)  # config.json fits, the first checkpoint does not
+    result = _cli("pretrain", class_pairs_dir, "--out", tmp_path / "run", "--preset", "cpu", "--unimodal-epochs", "0",
+                  "--clip-epochs", "1", "--epochs", "2", "--batch-size", "32", "--workers", "0")
+    _one_line_error(result, "run/warmup.pt: no space left on the device")
+    assert not [p for p in (tmp_path / "run").rglob(".*")]
+    _full_disk(monkeypatch, shards, after=1_000)
+    _one_line_error(_cli("report", sandbox_split, "--out", tmp_path / "r.html"), "r.html: no space left on the device")
+    assert not (tmp_path / "r.html").exists() and not list(tmp_path.glob(".r.html*"))
+
+
 def test_parquet_image_column_of_strings_is_skipped_and_counted(tiny_checkpoint, tmp_path):
     pq.write_table(pa.table({"key": ["a", "b", "c"], "caption": ["x", "y", "z"],
                              "jpg": ["not bytes", "/path/to/img.jpg", "also text"],
