@@ -262,18 +262,15 @@ def run_embed(src: str, checkpoint: str | os.PathLike, out: str | os.PathLike, c
     """The `safeclip embed` stage: every pair of `src` embedded with a checkpoint into `out`,
     one share of the shards per process under torchrun; rank 0 writes embed.json last."""
     from ..models.checkpoint import load_checkpoint
-    from ..train.augment import eval_transform, train_transform
+    from ..train.augment import eval_transform
+    from ..train.views import SeededView
 
     config.validate()
     source = open_pairs(src, format=source_format, csv_options=csv_options)
     model, tokenizer, image_size, _config, _state = load_checkpoint(str(checkpoint))
     with distributed.session(config.device) as ctx:
         device = distributed.resolve_device(config.device, ctx)
-        if config.augment:
-            torch.manual_seed(config.seed + ctx.rank)
-            transform = train_transform(image_size)
-        else:
-            transform = eval_transform(image_size)
+        transform = SeededView(image_size, config.seed + ctx.rank) if config.augment else eval_transform(image_size)
         result = embed_source(source, model, tokenizer, transform, out, batch_size=config.batch_size,
                               dtype=config.dtype, num_workers=config.workers, device=str(device), rank=ctx.rank,
                               world_size=ctx.world_size, on_batch=on_batch)
