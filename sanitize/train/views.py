@@ -51,35 +51,57 @@ def base_image(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _crop_box(rng: np.random.Generator, size: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
+class _Uniforms:
+    """Uniform [0, 1) numbers from one seed (a SeedSequence's state: cheaper than a
+    Generator per image, and as well mixed)."""
+
+    def __init__(self, seed: int, n: int = 64):
+        self.u = np.random.SeedSequence(seed).generate_state(n, np.uint64) >> np.uint64(11)
+        self.i = 0
+
+    def __call__(self, low: float = 0.0, high: float = 1.0) -> float:
+        if self.i == len(self.u):  # never in practice (a view takes at most 30)
+            self.u, self.i = np.random.SeedSequence([int(self.u[-1]), 1]).generate_state(64, np.uint64) >> 11, 0
+        value = float(self.u[self.i]) * 2.0 ** -53
+        self.i += 1
+        return low + (high - low) * value
+
+    def integer(self, high: int) -> int:
+        """Uniform in 0..high-1."""
+        return min(high - 1, int(self() * high))
+
+
+def _crop_box(u: _Uniforms, size: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop.get_params on a size x size image: (x, y, w, h)."""
     area = size * size
     log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
     for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
+        target = area * u(*scale)
+        aspect = math.exp(u(*log_ratio))
         w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if 0 < w <= size and 0 < h <= size:
-            return int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1)), w, h
+            return u.integer(size - w + 1), u.integer(size - h + 1), w, h
     return 0, 0, size, size  # a square image is within the ratio range: the whole image
 
 
 def draw_view_params(seed: int, size: int, crop_scale: tuple[float, float], views: int = 2) -> np.ndarray:
     """The parameters of `views` views of one image, from that sample's seed: (views, len(PARAMS))."""
-    rng = np.random.default_rng(seed)
+    u = _Uniforms(seed, 32 * views)
     out = np.zeros((views, len(PARAMS)), dtype=np.float32)
-    for v in range(views):
-        row = out[v]
-        row[0:4] = _crop_box(rng, size, crop_scale)
-        row[COL["flip"]] = rng.random() < 0.5
-        row[COL["jitter"]] = rng.random() < P_JITTER
-        b, c, s, hue = JITTER
-        row[COL["brightness"]:COL["hue"] + 1] = (rng.uniform(1 - b, 1 + b), rng.uniform(1 - c, 1 + c),
-                                                 rng.uniform(1 - s, 1 + s), rng.uniform(-hue, hue))
-        row[COL["order0"]:COL["order3"] + 1] = rng.permutation(4)
-        row[COL["gray"]] = rng.random() < P_GRAY
-        row[COL["blur"]] = rng.random() < P_BLUR
-        row[COL["sigma"]] = rng.uniform(*BLUR_SIGMA)
+    b, c, s, hue = JITTER
+    for row in out:
+        row[0:4] = _crop_box(u, size, crop_scale)
+        row[COL["flip"]] = u() < 0.5
+        row[COL["jitter"]] = u() < P_JITTER
+        row[COL["brightness"]:COL["hue"] + 1] = (u(1 - b, 1 + b), u(1 - c, 1 + c), u(1 - s, 1 + s), u(-hue, hue))
+        order = [0, 1, 2, 3]
+        for i in range(3, 0, -1):  # Fisher-Yates
+            j = u.integer(i + 1)
+            order[i], order[j] = order[j], order[i]
+        row[COL["order0"]:COL["order3"] + 1] = order
+        row[COL["gray"]] = u() < P_GRAY
+        row[COL["blur"]] = u() < P_BLUR
+        row[COL["sigma"]] = u(*BLUR_SIGMA)
     return out
 
 
@@ -136,22 +158,23 @@ class BatchViews:
 
     @staticmethod
     def _jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """torchvision's ColorJitter per image: its own factors, in its own random order."""
+        """torchvision's ColorJitter per image: its own factors, in its own random order.
+        Saturation and hue leave a gray image as it is, so gray images skip them (the
+        hue step, a round trip through HSV, is most of the cost)."""
         from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction, adjust_hue,
                                     adjust_saturation_with_gray_subtraction)
 
-        steps = (lambda im, f: adjust_brightness_accumulative(im, f),
-                 lambda im, f: adjust_contrast_with_mean_subtraction(im, f),
-                 lambda im, f: adjust_saturation_with_gray_subtraction(im, f),
-                 lambda im, f: adjust_hue(im, f * 2 * math.pi))
+        steps = (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction,
+                 adjust_saturation_with_gray_subtraction, lambda im, f: adjust_hue(im, f * 2 * math.pi))
         on = p[:, COL["jitter"]] > 0.5
         if not on.any():
             return x
+        colour = (x[:, 0] != x[:, 1]).flatten(1).any(1) | (x[:, 1] != x[:, 2]).flatten(1).any(1)
         x = x.clone()
         for slot in range(4):
             which = p[:, COL["order0"] + slot].round().long()
             for op, fn in enumerate(steps):
-                rows = on & (which == op)
+                rows = on & (which == op) & (colour if op >= 2 else True)
                 if rows.any():
                     x[rows] = fn(x[rows], p[rows, COL["brightness"] + op]).clamp(0, 1)
         return x
