@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -23,7 +24,10 @@ def embed(
     batch_size: int = typer.Option(DEFAULTS.batch_size, help="Pairs per forward pass."),
     dtype: str = typer.Option(DEFAULTS.dtype, help="Stored embedding precision: float16 or float32."),
     augment: bool = typer.Option(False, "--augment", help="Embed one SafeCLIP-augmented view instead of the plain image."),
-    workers: int = typer.Option(DEFAULTS.workers, help="DataLoader workers decoding images (each takes whole shards)."),
+    workers: Optional[int] = typer.Option(DEFAULTS.workers, help="DataLoader workers decoding images (each takes "
+                                                                 "whole shards) [half the cores]."),
+    threads: int = typer.Option(DEFAULTS.threads, help="torch CPU threads; 0 = $OMP_NUM_THREADS if set, else one "
+                                                       "per core the workers leave free."),
     device: str = typer.Option(DEFAULTS.device, help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(DEFAULTS.seed, help="Seed for --augment."),
     image_column: str = typer.Option("filepath", help="CSV: image path column."),
@@ -39,8 +43,8 @@ def embed(
     from sanitize.io.pairs import CsvOptions, open_pairs
     from sanitize.stages.embed import run_embed
 
-    config = EmbedConfig(batch_size=batch_size, dtype=dtype, augment=augment, workers=workers, device=device,
-                         seed=seed)
+    config = EmbedConfig(batch_size=batch_size, dtype=dtype, augment=augment, workers=workers, threads=threads,
+                         device=device, seed=seed)
     with user_errors():
         if not checkpoint.exists():
             fail(f"{checkpoint}: no such checkpoint")

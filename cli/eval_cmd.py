@@ -132,6 +132,8 @@ def eval_cmd(
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Seed for the linear probe."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads; 0 = $OMP_NUM_THREADS if set, "
+                                                            "else every core."),
     max_iter: int = typer.Option(1000, "--max-iter", min=1, help="Linear probe: logistic regression iterations."),
 ) -> None:
     """Evaluate a checkpoint (see HELP)."""
@@ -158,7 +160,7 @@ def eval_cmd(
                             templates_source=str(templates) if templates else "default", train=train,
                             manifest=manifest_file, split=str(split) if split else None,
                             truth=str(truth) if truth else None, batch_size=batch_size, device=device,
-                            seed=seed, max_iter=max_iter)
+                            seed=seed, max_iter=max_iter, threads=threads)
         result = evaluate(config, track=progress)  # CheckpointError is a ValueError: one line
     for message in result["warnings"]:
         warn(message)

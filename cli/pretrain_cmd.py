@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +9,7 @@ import typer
 
 from sanitize.stages.config import PretrainConfig, WarmupConfig
 
-from .common import EpochBar, default_threads, done, fail, user_errors, warn
+from .common import EpochBar, done, fail, user_errors, warn
 
 P, W = PretrainConfig(), WarmupConfig()  # the library's defaults, shown and passed on
 HELP = {
@@ -110,7 +109,6 @@ def pretrain(
         distributed.resolve_device(device)  # no CUDA, or a bogus name: one line before any work
         with distributed.session(device) as ctx:
             prepare_run_folder(out, resume=resume, overwrite=overwrite, ctx=ctx)
-            threads = threads or default_threads(workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             with EpochBar(enabled=ctx.is_main) as bar:
                 hooks = Hooks(warmup_epoch_start=bar.epoch_start, step=bar.step, epoch_start=bar.epoch_start,
                               stage=bar.stage, score_batch=bar.advance_stage)

@@ -9,7 +9,7 @@ import typer
 
 from sanitize.stages.config import WarmupConfig
 
-from .common import EpochBar, default_threads, done, fail, user_errors, warn
+from .common import EpochBar, done, fail, user_errors, warn
 
 W = WarmupConfig()  # the library's defaults, shown and passed on
 
@@ -79,7 +79,7 @@ def warmup(
                  + ", ".join(f"--{flags.get(k, k).replace('_', '-')}" for k in ignored))
         with EpochBar() as bar:
             result = run_warmup(src, out, config, resume=resume, device=device, max_steps=max_steps,
-                                source_format=source_format, threads=threads or default_threads(workers),
+                                source_format=source_format, threads=threads,
                                 csv_options=CsvOptions(image_column=image_column, caption_column=caption_column),
                                 on_epoch_start=bar.epoch_start, on_step=bar.step)
     skipped = result.epochs[0]["skipped"] if result.epochs else {}

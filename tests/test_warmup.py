@@ -152,13 +152,19 @@ def test_training_batches_cover_every_pair_once_per_epoch_across_workers_and_ran
 
 
 def test_default_threads_take_omp_num_threads_when_set(monkeypatch):
-    from cli.common import default_threads
+    from sanitize.train.distributed import default_threads, default_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert default_threads(workers=1) == 15  # one per core not used by the worker
-    assert default_threads(workers=1, processes_per_node=4) == 3  # torchrun: 4 ranks share 16 cores
+    assert default_workers() == 8 and default_threads(default_workers()) == 8  # never more than the cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks share 16 cores
+    assert default_threads(workers=1) == 3 and default_workers() == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # several jobs sharing the machine
     assert default_threads(workers=1) == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "0")  # not a thread count: ignored
     assert default_threads(workers=0) == 16
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert default_workers() == 0 and default_threads(0) == 1

@@ -221,6 +221,7 @@ class EvalConfig:
     device: str = "cpu"
     seed: int = 0
     max_iter: int = 1000
+    threads: int = 0                 # torch CPU threads; 0: every core (no data workers here)
 
 
 def _class_id(name: str | None, classes: list[str], what: str) -> int:
@@ -295,7 +296,9 @@ def evaluate(config: EvalConfig, track: Callable = _identity_track) -> dict:
     from ..models.checkpoint import load_checkpoint
     from ..models.factory import describe
     from ..train.augment import eval_transform
+    from ..train.distributed import use_threads
 
+    use_threads(config.threads, workers=0)
     timing: dict[str, float] = {}
     start = time.perf_counter()
     classes = config.classes

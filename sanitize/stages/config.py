@@ -16,7 +16,8 @@ class EmbedConfig:
     batch_size: int = 256
     dtype: str = "float16"
     augment: bool = False
-    workers: int = 2
+    workers: int | None = None      # None: half the cores (train/distributed.py's policy)
+    threads: int = 0                # 0: the cores the workers leave free, or $OMP_NUM_THREADS
     device: str = "auto"
     seed: int = 0
 
@@ -25,8 +26,10 @@ class EmbedConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose float16 or float32")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ValueError("--workers must be >= 0")
+        if self.threads < 0:
+            raise ValueError("--threads must be >= 0")
 
 
 @dataclass

@@ -270,9 +270,11 @@ def run_embed(src: str, checkpoint: str | os.PathLike, out: str | os.PathLike, c
     model, tokenizer, image_size, _config, _state = load_checkpoint(str(checkpoint))
     with distributed.session(config.device) as ctx:
         device = distributed.resolve_device(config.device, ctx)
+        workers = distributed.default_workers() if config.workers is None else config.workers
+        distributed.use_threads(config.threads, workers)
         transform = SeededView(image_size, config.seed + ctx.rank) if config.augment else eval_transform(image_size)
         result = embed_source(source, model, tokenizer, transform, out, batch_size=config.batch_size,
-                              dtype=config.dtype, num_workers=config.workers, device=str(device), rank=ctx.rank,
+                              dtype=config.dtype, num_workers=workers, device=str(device), rank=ctx.rank,
                               world_size=ctx.world_size, on_batch=on_batch)
         distributed.barrier(ctx)
         manifest = None

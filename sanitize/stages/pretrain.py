@@ -108,8 +108,7 @@ def run_pretrain(src: str, run: str | os.PathLike, config: PretrainConfig, *, re
     `stop_after_epoch` ends the run after that overall epoch and `max_steps_per_epoch`
     cuts each phase-3 epoch short (benchmarks: time a fraction of an epoch)."""
     started = time.perf_counter()
-    if threads:
-        torch.set_num_threads(threads)
+    distributed.use_threads(threads, config.warmup.num_workers)
     session = open_session(src, Run(run), config, resume=resume, ctx=ctx or Dist(), device=device,
                            source_format=source_format, hooks=hooks or Hooks(), warmup_from=warmup_from)
     for epoch in range(session.first_epoch, session.config.epochs):

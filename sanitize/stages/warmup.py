@@ -156,10 +156,7 @@ def run_warmup(src: str, out: str | os.PathLike, config: WarmupConfig, *, resume
     doc); `max_steps` stops early with a checkpoint that `resume=True` continues."""
     out = Path(out)
     metrics_path, stats_path = side_paths(out)
-    if threads:
-        # On a shared CPU box, intra-op threads beyond the free cores spin and wait:
-        # 2 threads on 2 busy cores measured 4-6x slower per step than 1.
-        torch.set_num_threads(threads)
+    distributed.use_threads(threads, config.num_workers)
     dev = distributed.resolve_device(device)
     config, position, state, saved_shape = _open_state(out, config, resume, dev)
     precision = Precision.choose(config.precision, dev)
