@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import done, fail, progress_counter, user_errors, warn
+from .common import done, err_console, fail, progress_counter, user_errors, warn
 
 
 def export(
@@ -23,7 +23,7 @@ def export(
     python -m open_clip_train.main --train-data 'OUT/{00000..NNNNN}.tar' --dataset-type webdataset
     (OUT/sizes.json gives the dataset size).
     """
-    from sanitize.stages.export import export_partition
+    from sanitize.stages.export import export_partition, open_clip_command, open_clip_trainer_problem
     from sanitize.io.pairs import open_pairs
 
     with user_errors():
@@ -37,6 +37,12 @@ def export(
         warn(f"{stats['missing_from_source']} key(s) of the partition were not found in the source, "
              f"e.g. {', '.join(stats['missing_examples'][:3])} (listed in {out}/export_stats.json)")
     done(f"exported {stats['written']:,} {partition} pairs of {stats['partition_size']:,} to {out}")
+    if stats["written"]:
+        err_console.print(f"train on it with open_clip: {open_clip_command(out, stats['shards'])}",
+                          highlight=False, markup=False, soft_wrap=True)
+        problem = open_clip_trainer_problem()
+        if problem:
+            warn(problem)
     if stats["missing_from_source"]:
         raise typer.Exit(1)
 
