@@ -117,9 +117,12 @@ def density(x: np.ndarray, mixture: Mixture, component: int) -> np.ndarray:
 
 # ---- how well the two components separate ----------------------------------------------------
 
-# Ashman's D below this: the two components overlap (Ashman, Bird & Zepf 1994: a mixture of two
-# Gaussians separates cleanly only when D > 2).
-MIN_ASHMAN_D = 2.0
+# A Bhattacharyya coefficient at or above this: the two components overlap too much to trust
+# p_clean. Measured on this project's splits (docs/split.md): weak warm-ups whose splits failed
+# (first poisons in the top 0-22% of pairs, AUROC 0.61-0.77) fitted 0.69-0.94; warm-ups and
+# trained epochs that separated well (AUROC >= 0.9) fitted 0.41-0.59. Ashman's D (> 2 is the
+# textbook criterion) is reported but does not tell the two apart here: 1.6-2.1 in both groups.
+MAX_BHATTACHARYYA = 0.65
 # A safe share below this is too small to train the CLIP loss on. Measured: the 20k-pair proxy of
 # issue 17 started at 2.9% and reached 7.9% by epoch 8, and its defended model ended at 23.2%
 # zero-shot against 84.2% undefended; every run here that kept its accuracy trained on >= 20%.
@@ -177,18 +180,20 @@ def bayes_overlap(mixture: Mixture) -> float:
 def separation(mixture: Mixture) -> dict:
     """How well the fit separates risky from clean: a pure function of the fitted parameters.
 
-    ashman_d       sqrt(2)·|m1 - m0| / sqrt(v0 + v1); > 2 separates cleanly (MIN_ASHMAN_D).
+    ashman_d       sqrt(2)·|m1 - m0| / sqrt(v0 + v1) (> 2: separated, by the textbook rule).
     bhattacharyya  the Bhattacharyya coefficient of the two component densities (weights left
                    out): 1 = identical, 0 = disjoint; `bhattacharyya_distance` = -ln of it.
     overlap        the fitted mixture's Bayes error (`bayes_overlap`).
     clean_weight   the high-mean component's weight: the share of pairs the fit calls clean.
-    separated      ashman_d >= MIN_ASHMAN_D.
+    separated      bhattacharyya < MAX_BHATTACHARYYA (the measured criterion, see there).
     """
     (m0, m1), (v0, v1), (_w0, w1) = mixture.means, mixture.variances, mixture.weights
     d = math.sqrt(2.0) * abs(m1 - m0) / math.sqrt(v0 + v1)
     distance = (m1 - m0) ** 2 / (4.0 * (v0 + v1)) + 0.5 * math.log((v0 + v1) / (2.0 * math.sqrt(v0 * v1)))
-    return {"ashman_d": d, "bhattacharyya": math.exp(-distance), "bhattacharyya_distance": distance,
-            "overlap": bayes_overlap(mixture), "clean_weight": float(w1), "separated": d >= MIN_ASHMAN_D}
+    coefficient = math.exp(-distance)
+    return {"ashman_d": d, "bhattacharyya": coefficient, "bhattacharyya_distance": distance,
+            "overlap": bayes_overlap(mixture), "clean_weight": float(w1),
+            "separated": coefficient < MAX_BHATTACHARYYA}
 
 
 def split_warnings(quality: dict, safe_share: float | None, min_safe_share: float = MIN_SAFE_SHARE) -> list[str]:
@@ -200,8 +205,8 @@ def split_warnings(quality: dict, safe_share: float | None, min_safe_share: floa
                    f"CLIP loss can train well on (a longer or stronger warm-up, or a fraction:F schedule, "
                    f"gives more; docs/split.md)")
     if not quality["separated"]:
-        out.append(f"the mixture's components overlap (Ashman's D {quality['ashman_d']:.2f} < "
-                   f"{MIN_ASHMAN_D:g}, Bhattacharyya coefficient {quality['bhattacharyya']:.2f}, "
-                   f"{quality['overlap']:.1%} of pairs on the wrong side by the fit's own account): "
-                   f"p_clean does not tell clean from risky well; the warm-up may be too weak")
+        out.append(f"the mixture's components overlap (Bhattacharyya coefficient {quality['bhattacharyya']:.2f} "
+                   f">= {MAX_BHATTACHARYYA:g}, Ashman's D {quality['ashman_d']:.2f}, {quality['overlap']:.1%} of "
+                   f"pairs on the wrong side by the fit's own account): p_clean does not tell clean from risky "
+                   f"well; the warm-up may be too weak")
     return out
