@@ -74,8 +74,9 @@ def split(
     done(f"split {counts['total']:,} pairs at epoch {epoch} ({how}): {counts['safe']:,} safe "
          f"({counts['safe_share']:.1%}, target ratio {m.ratio:.4f}{r0}), {counts['risky']:,} risky; "
          f"mixture means {mix['means'][0]:.3f} / {mix['means'][1]:.3f}"
-         + (f" (Bhattacharyya coefficient {m.separation['bhattacharyya']:.2f}, Ashman's D "
-            f"{m.separation['ashman_d']:.2f})" if m.separation else "") + "; "
+         + (f" (overlap {m.separation['overlap']:.1%}, Bhattacharyya coefficient "
+            f"{m.separation['bhattacharyya']:.2f}, Ashman's D {m.separation['ashman_d']:.2f})"
+            if m.separation else "") + "; "
          f"{m.timing_s['total']:.1f} s -> {Split(out).manifest_path}")
 
 

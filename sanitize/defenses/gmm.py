@@ -117,12 +117,15 @@ def density(x: np.ndarray, mixture: Mixture, component: int) -> np.ndarray:
 
 # ---- how well the two components separate ----------------------------------------------------
 
-# A Bhattacharyya coefficient at or above this: the two components overlap too much to trust
-# p_clean. Measured on this project's splits (docs/split.md): weak warm-ups whose splits failed
-# (first poisons in the top 0-22% of pairs, AUROC 0.61-0.77) fitted 0.69-0.94; warm-ups and
-# trained epochs that separated well (AUROC >= 0.9) fitted 0.41-0.59. Ashman's D (> 2 is the
-# textbook criterion) is reported but does not tell the two apart here: 1.6-2.1 in both groups.
-MAX_BHATTACHARYYA = 0.65
+# When the components overlap too much to trust p_clean: the fit itself expects at least this
+# share of pairs on the wrong side (`bayes_overlap`), or the two component densities are nearly
+# the same whatever their weights (Bhattacharyya coefficient at least MAX_BHATTACHARYYA).
+# Measured on 14 first splits of the demo's 5,150 pairs (docs/pipeline.md, "safeclip demo"):
+# the warm-ups whose split worked (AUROC of p_clean >= 0.9) fitted overlaps of 3.5-9.8% and
+# coefficients of 0.54-0.74; those that failed (AUROC 0.49-0.80) 12-39% and 0.71-0.94. Ashman's D
+# (> 2 is the textbook criterion) is reported but tells them apart worse: 1.1-1.7 vs 0.1-1.6.
+MAX_OVERLAP = 0.10
+MAX_BHATTACHARYYA = 0.8
 # A safe share below this is too small to train the CLIP loss on. Measured: the 20k-pair proxy of
 # issue 17 started at 2.9% and reached 7.9% by epoch 8, and its defended model ended at 23.2%
 # zero-shot against 84.2% undefended; every run here that kept its accuracy trained on >= 20%.
@@ -185,15 +188,15 @@ def separation(mixture: Mixture) -> dict:
                    out): 1 = identical, 0 = disjoint; `bhattacharyya_distance` = -ln of it.
     overlap        the fitted mixture's Bayes error (`bayes_overlap`).
     clean_weight   the high-mean component's weight: the share of pairs the fit calls clean.
-    separated      bhattacharyya < MAX_BHATTACHARYYA (the measured criterion, see there).
+    separated      overlap < MAX_OVERLAP and bhattacharyya < MAX_BHATTACHARYYA (measured, see there).
     """
     (m0, m1), (v0, v1), (_w0, w1) = mixture.means, mixture.variances, mixture.weights
     d = math.sqrt(2.0) * abs(m1 - m0) / math.sqrt(v0 + v1)
     distance = (m1 - m0) ** 2 / (4.0 * (v0 + v1)) + 0.5 * math.log((v0 + v1) / (2.0 * math.sqrt(v0 * v1)))
-    coefficient = math.exp(-distance)
+    coefficient, overlap = math.exp(-distance), bayes_overlap(mixture)
     return {"ashman_d": d, "bhattacharyya": coefficient, "bhattacharyya_distance": distance,
-            "overlap": bayes_overlap(mixture), "clean_weight": float(w1),
-            "separated": coefficient < MAX_BHATTACHARYYA}
+            "overlap": overlap, "clean_weight": float(w1),
+            "separated": overlap < MAX_OVERLAP and coefficient < MAX_BHATTACHARYYA}
 
 
 def split_warnings(quality: dict, safe_share: float | None, min_safe_share: float = MIN_SAFE_SHARE) -> list[str]:
@@ -205,8 +208,9 @@ def split_warnings(quality: dict, safe_share: float | None, min_safe_share: floa
                    f"CLIP loss can train well on (a longer or stronger warm-up, or a fraction:F schedule, "
                    f"gives more; docs/split.md)")
     if not quality["separated"]:
-        out.append(f"the mixture's components overlap (Bhattacharyya coefficient {quality['bhattacharyya']:.2f} "
-                   f">= {MAX_BHATTACHARYYA:g}, Ashman's D {quality['ashman_d']:.2f}, {quality['overlap']:.1%} of "
-                   f"pairs on the wrong side by the fit's own account): p_clean does not tell clean from risky "
-                   f"well; the warm-up may be too weak")
+        out.append(f"the mixture's components overlap ({quality['overlap']:.1%} of pairs on the wrong side by "
+                   f"the fit's own account, limit {MAX_OVERLAP:.0%}; Bhattacharyya coefficient "
+                   f"{quality['bhattacharyya']:.2f}, limit {MAX_BHATTACHARYYA:g}; Ashman's D "
+                   f"{quality['ashman_d']:.2f}): p_clean does not tell clean from risky well; the warm-up may be "
+                   f"too weak")
     return out
