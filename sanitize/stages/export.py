@@ -48,7 +48,8 @@ def export_partition(part_dir: str | os.PathLike, partition: str, out_dir: str |
                 writer.write(pair)
     missing = keys - found
     stats = {"partition": partition, "split": os.path.abspath(part_dir), "source": source.root,
-             "written": writer.written, "shards": -(-writer.written // samples_per_shard), "partition_size": len(keys), "missing_from_source": len(missing),
+             "written": writer.written, "shards": -(-writer.written // samples_per_shard),
+             "partition_size": len(keys), "missing_from_source": len(missing),
              "missing_examples": sorted(missing)[:10], "source_skips": source.skips.as_dict()}
     atomic_write_json(Path(out_dir) / "export_stats.json", stats)
     return stats
@@ -59,7 +60,7 @@ def open_clip_command(out_dir: str | os.PathLike, shards: int) -> str:
     last = max(shards - 1, 0)
     data = f"{out_dir}/{{00000..{last:05d}}}.tar" if shards > 1 else f"{out_dir}/00000.tar"
     return (f"python -m open_clip_train.main --train-data '{data}' --dataset-type webdataset "
-            f"--model ViT-B-32 --batch-size 256 --epochs 32")
+            f"--model ViT-B-32")
 
 
 def open_clip_trainer_problem() -> str | None:
