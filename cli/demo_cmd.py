@@ -29,11 +29,12 @@ def demo(
     threads: int = typer.Option(0, help="torch threads for the warm-up; 0 = one per core but one. The "
                                         "numbers depend a little on it (floating-point order)."),
 ) -> None:
-    """Run the whole pipeline on the bundled Fashion-MNIST sample (5,000 pairs) in a few minutes.
+    """Run the whole pipeline on a poisoned sample, in a few minutes.
 
-    Injects a BadNet backdoor (50 pairs) and targeted poisons (4 test images x 25 copies), warms up
-    the shipped small model, embeds every pair, splits safe/risky and reports how many injected
-    poisons landed in each set, as this run measured it.
+    Takes the bundled Fashion-MNIST sample (5,000 pairs), injects a BadNet backdoor (50 pairs)
+    and targeted poisons (4 test images x 25 copies), warms up the shipped small model, embeds
+    every pair, splits them into safe and risky and reports how many injected poisons landed in
+    each set, and how far the safe set could grow before the first one, as this run measured it.
     """
     from sanitize.stages.demo import run_demo
 

@@ -33,10 +33,15 @@ def embed(
     image_column: str = typer.Option("filepath", help="CSV: image path column."),
     caption_column: str = typer.Option("title", help="CSV: caption column."),
 ) -> None:
-    """Embed every pair with a checkpoint (resumable; runs under torchrun, one share of shards per rank).
+    """Embed every pair and score its image-caption similarity.
+
+    With a safeclip checkpoint (--checkpoint), or with CLIP weights you already have: --model
+    ARCH (an open_clip architecture or a config .json) --pretrained WEIGHTS (a local open_clip
+    checkpoint, e.g. open_clip_train's epoch_N.pt; nothing is downloaded).
 
     Writes OUT/NNNNN.parquet with key, caption, url and the source's metadata, L2-normalised
-    image_emb and text_emb, and their cosine similarity. Rerunning skips shards already written.
+    image_emb and text_emb, and their cosine similarity. Resumable: a rerun skips shards
+    already written. Runs under torchrun, one share of the shards per rank.
     """
     import os
 

@@ -11,9 +11,11 @@ import typer
 from .common import done, err_console, fail, out_console, progress, user_errors, warn
 
 HELP = "\n\n".join([
-    "Evaluate a checkpoint on a labelled test source: zero-shot top-1/top-5 and per-class accuracy (prompt "
-    "ensemble: mean of normalised template embeddings per class), and, when asked, a linear probe, "
-    "backdoor attack success, targeted-poisoning success and the detection quality of a split.",
+    "Evaluate a model, or how well a split caught the poisons.",
+    "With a model (CHECKPOINT, or --model ARCH --pretrained WEIGHTS for open_clip weights) and a labelled "
+    "--test source: zero-shot top-1/top-5 and per-class accuracy (prompt ensemble: mean of normalised "
+    "template embeddings per class), and, when asked, a linear probe, backdoor attack success and "
+    "targeted-poisoning success. With --split PART alone, no model: the split's detection quality.",
     "A test image's class is its metadata `class_name` (when it is one of --classes) or its integer `label`.",
     "--train SRC: logistic regression on standardised frozen image features of SRC, accuracy on --test.",
     "--poison-dir DIR / --manifest PATH (the `safeclip poison` manifest): for each backdoor in it, the "

@@ -17,11 +17,14 @@ def export(
     format: str = typer.Option(None, "--format", help="Force the source format."),
     samples_per_shard: int = typer.Option(10000, help="Pairs per output shard."),
 ) -> None:
-    """Reshard one partition of a split into webdataset tars, reading images from the original source.
+    """Write a partition of a split as webdataset shards for open_clip.
 
-    Train on the result with open_clip:
-    python -m open_clip_train.main --train-data 'OUT/{00000..NNNNN}.tar' --dataset-type webdataset
-    (OUT/sizes.json gives the dataset size).
+    Reads the images from the original source and writes img2dataset's layout with
+    sizes.json, which open_clip's trainer reads (pip install 'safeclip[train]'):
+
+    \b
+    python -m open_clip_train.main --dataset-type webdataset \\
+        --train-data 'OUT/{00000..NNNNN}.tar' --model ViT-B-32 ...
     """
     from sanitize.stages.export import export_partition, open_clip_command, open_clip_trainer_problem
     from sanitize.io.pairs import open_pairs

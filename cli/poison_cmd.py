@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         grid_size: int = typer.Option(4, "--grid-size", help="WaNet: control grid size k."),
         samples_per_shard: int = typer.Option(10000, "--samples-per-shard"),
     ) -> None:
-        """Add poison pairs to a copy of SRC and write the ground-truth manifest.
+        """Add poison pairs to a copy of SRC, with a ground-truth manifest.
 
         Poison pairs are added copies, as in the papers' setting: every source pair
         is kept with its key and the dataset grows by the poison pairs (new keys
@@ -57,6 +57,12 @@ def register(app: typer.Typer) -> None:
         manifest.parquet (key, attack, kind, target_class, true_class, source_key,
         trigger) and poison.json. For several attacks at once, run poison again on
         OUT: the manifest is kept and extended.
+
+        Any data: backdoors put the trigger on copies of any source images, targeted
+        poisoning copies images of --target-source (any pair source), and poison
+        pairs carry captions you give (--target-caption, --target-captions) or, for a
+        Fashion-MNIST --target-class, generated ones. Score a split of the result with
+        `safeclip eval --split PART`.
         """
         from sanitize.attacks import triggers
         from sanitize.attacks.poison import PoisonConfig, poison

@@ -13,7 +13,9 @@ SPEC_SHORT = ("Ratio schedule SPEC: safeclip[:threshold=T,step=S,cap=C,r0=R] | f
 
 # Typer keeps single newlines of help text, so every paragraph is one string.
 HELP = "\n\n".join([
-    "Fit a 2-component Gaussian mixture to the pair similarities and split the pairs into safe and risky.",
+    "Split embedded pairs into safe and risky.",
+    "Fits a 2-component Gaussian mixture to the pair similarities. It warns when the safe set is below "
+    "10% of the pairs or the mixture's components overlap (split.json: separation).",
     "p_clean is the posterior of the higher-mean component. Pairs are ranked by p_clean (ties: similarity, "
     "then key; rank 0 = most clean) and the ratio schedule picks how many are safe.",
     "SPEC safeclip[:threshold=T,step=S,cap=C,r0=R] is SafeCLIP's schedule. Epoch 0: safe = p_clean >= T "
