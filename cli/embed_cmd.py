@@ -18,7 +18,11 @@ DEFAULTS = EmbedConfig()
 def embed(
     source: str = typer.Argument(..., help="Pair source: img2dataset webdataset/parquet folder, "
                                            "brace pattern of .tar files, CSV/TSV, or image+.txt folder."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Checkpoint from `safeclip warmup`/`pretrain`."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="Checkpoint from `safeclip warmup`/`pretrain`."),
+    model: str = typer.Option(None, "--model", help="With --pretrained: the open_clip architecture (e.g. ViT-B-32) "
+                                                    "or a model config .json the weights are for."),
+    pretrained: Path = typer.Option(None, "--pretrained", help="Local open_clip weights instead of --checkpoint "
+                                                              "(e.g. open_clip_train's epoch_N.pt)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one Parquet file per input shard + embed.json."),
     format: str = typer.Option(None, "--format", help="Force the source format: webdataset, parquet, csv, folder."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, help="Pairs per forward pass."),
@@ -33,10 +37,15 @@ def embed(
     image_column: str = typer.Option("filepath", help="CSV: image path column."),
     caption_column: str = typer.Option("title", help="CSV: caption column."),
 ) -> None:
-    """Embed every pair with a checkpoint (resumable; runs under torchrun, one share of shards per rank).
+    """Embed every pair and score its image-caption similarity.
+
+    With a safeclip checkpoint (--checkpoint), or with CLIP weights you already have: --model
+    ARCH (an open_clip architecture or a config .json) --pretrained WEIGHTS (a local open_clip
+    checkpoint, e.g. open_clip_train's epoch_N.pt; nothing is downloaded).
 
     Writes OUT/NNNNN.parquet with key, caption, url and the source's metadata, L2-normalised
-    image_emb and text_emb, and their cosine similarity. Rerunning skips shards already written.
+    image_emb and text_emb, and their cosine similarity. Resumable: a rerun skips shards
+    already written. Runs under torchrun, one share of the shards per rank.
     """
     import os
 
@@ -46,15 +55,17 @@ def embed(
     config = EmbedConfig(batch_size=batch_size, dtype=dtype, augment=augment, workers=workers, threads=threads,
                          device=device, seed=seed)
     with user_errors():
-        if not checkpoint.exists():
+        if checkpoint is not None and not checkpoint.exists():
             fail(f"{checkpoint}: no such checkpoint")
+        if checkpoint is None and pretrained is None:
+            fail("give --checkpoint CKPT (safeclip) or --model ARCH --pretrained WEIGHTS (open_clip)")
         csv_options = CsvOptions(image_column=image_column, caption_column=caption_column)
         total = open_pairs(source, format=format, csv_options=csv_options).count_hint()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         main_rank = int(os.environ.get("RANK", "0")) == 0
         with progress_counter(total // world if total else None, "embed", enabled=main_rank) as advance:
-            run = run_embed(source, checkpoint, out, config, source_format=format, csv_options=csv_options,
-                            on_batch=advance)
+            run = run_embed(source, checkpoint, out, config, model=model, pretrained=pretrained,
+                            source_format=format, csv_options=csv_options, on_batch=advance)
     result = run.result
     if result.skips.total:
         warn(f"rank {run.rank}: {result.skips.summary()}")

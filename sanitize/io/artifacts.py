@@ -175,6 +175,7 @@ class SplitManifest:
     input_files: list[dict]
     warnings: list[str]
     timing_s: dict
+    separation: dict = field(default_factory=dict)  # defenses/gmm.py `separation` ({} in older files)
     schema: str = SPLIT_SCHEMA
     extra: dict = field(default_factory=dict)  # a ranking's own section, e.g. "balance"
 

@@ -256,18 +256,24 @@ class EmbedRun:
     manifest: EmbedManifest | None
 
 
-def run_embed(src: str, checkpoint: str | os.PathLike, out: str | os.PathLike, config: EmbedConfig, *,
+def run_embed(src: str, checkpoint: str | os.PathLike | None, out: str | os.PathLike, config: EmbedConfig, *,
+              model: str | None = None, pretrained: str | os.PathLike | None = None,
               source_format: str | None = None, csv_options: CsvOptions | None = None,
               on_batch: Callable[[int], None] | None = None) -> EmbedRun:
-    """The `safeclip embed` stage: every pair of `src` embedded with a checkpoint into `out`,
-    one share of the shards per process under torchrun; rank 0 writes embed.json last."""
-    from ..models.checkpoint import load_checkpoint
+    """The `safeclip embed` stage: every pair of `src` embedded into `out` with a safeclip
+    checkpoint, or with `model` + local open_clip weights `pretrained` (checkpoint None; see
+    `models.checkpoint.load_model`), one share of the shards per process under torchrun;
+    rank 0 writes embed.json last."""
+    from ..models.checkpoint import load_model
     from ..train.augment import eval_transform
     from ..train.views import SeededView
 
     config.validate()
     source = open_pairs(src, format=source_format, csv_options=csv_options)
-    model, tokenizer, image_size, _config, _state = load_checkpoint(str(checkpoint))
+    loaded = load_model(checkpoint, model=model, pretrained=pretrained)
+    model, tokenizer, image_size = loaded.model, loaded.tokenizer, loaded.image_size
+    checkpoint = loaded.path
+    origin = {} if loaded.weights == "safeclip" else {"model": loaded.config.get("name"), "weights": "open_clip"}
     with distributed.session(config.device) as ctx:
         device = distributed.resolve_device(config.device, ctx)
         workers = distributed.default_workers() if config.workers is None else config.workers
@@ -282,5 +288,5 @@ def run_embed(src: str, checkpoint: str | os.PathLike, out: str | os.PathLike, c
             manifest = write_manifest(out, checkpoint=str(checkpoint), source=source, dtype=config.dtype,
                                       augment=config.augment, seconds=result.seconds, world_size=ctx.world_size,
                                       extra={"pairs_per_second_rank0": round(result.pairs_per_second, 1),
-                                             "skips_rank0": result.skips.as_dict()})
+                                             "skips_rank0": result.skips.as_dict(), **origin})
         return EmbedRun(result, ctx.rank, ctx.world_size, manifest)

@@ -322,7 +322,7 @@ def use_split(session: Session, request: SplitRequest, epoch: int, record: dict,
     seconds["split"] = round(time.perf_counter() - t, 3)
     record.update({"safe_ratio": manifest.counts["safe_share"], "ratio": manifest.ratio,
                    "n_safe": manifest.counts["safe"], "n_risky": manifest.counts["risky"],
-                   "mixture": manifest.mixture, "split": str(run.split(epoch).root)})
+                   "mixture": manifest.mixture, "separation": manifest.separation, "split": str(run.split(epoch).root)})
     if manifest.warnings:
         record["split_warnings"] = manifest.warnings
     return run.split(epoch)

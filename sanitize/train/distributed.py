@@ -106,7 +106,11 @@ def default_threads(workers: int) -> int:
 
 
 def use_threads(threads: int | None, workers: int) -> int:
-    """Set torch's intra-op threads (0 or None: `default_threads`); returns the count."""
+    """Set torch's intra-op threads: `threads`, or with 0 `default_threads(workers)`; None
+    leaves them as they are (a stage run inside another, as pretrain's warm-up). Returns
+    the count in use."""
+    if threads is None:
+        return torch.get_num_threads()
     threads = threads or default_threads(workers)
     torch.set_num_threads(threads)
     return threads
