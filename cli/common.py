@@ -21,15 +21,6 @@ err_console = Console(stderr=True)
 out_console = Console()
 
 
-def default_threads(workers: int, processes_per_node: int = 1) -> int:
-    """torch CPU threads when --threads is 0: $OMP_NUM_THREADS if set (several jobs
-    sharing one machine), else one per core not used by data workers."""
-    given = os.environ.get("OMP_NUM_THREADS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
-    return max(1, ((os.cpu_count() or 1) // processes_per_node) - workers)
-
-
 def fail(message: str, code: int = 1) -> "typer.Exit":
     """Print a one-line error (no traceback) and exit non-zero."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)

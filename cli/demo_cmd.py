@@ -6,27 +6,41 @@ from pathlib import Path
 
 import typer
 
-from .common import done, err_console, out_console, user_errors
+from sanitize.stages.config import DemoConfig
+
+from .common import done, err_console, out_console, user_errors, warn
+
+
+DEFAULTS = DemoConfig()
 
 
 def demo(
-    out: Path = typer.Option(Path("safeclip-demo"), "--out", "-o", help="Folder for every output of the run."),
+    out: Path = typer.Option(Path(DEFAULTS.out), "--out", "-o", help="Folder for every output of the run."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    seed: int = typer.Option(0, help="Seed for poisons, training and the split."),
-    unimodal_epochs: int = typer.Option(1, help="Unimodal warm-up epochs."),
-    clip_epochs: int = typer.Option(2, help="CLIP warm-up epochs (at the base LR on this small sample)."),
-    workers: int = typer.Option(2, help="DataLoader workers for embedding."),
+    seed: int = typer.Option(DEFAULTS.seed, help="Seed for poisons, training and the split."),
+    unimodal_epochs: int = typer.Option(DEFAULTS.unimodal_epochs, help="Unimodal warm-up epochs."),
+    clip_epochs: int = typer.Option(DEFAULTS.clip_epochs, help="CLIP warm-up epochs."),
+    clip_lr_scale: float = typer.Option(DEFAULTS.clip_lr_scale, help="CLIP warm-up learning rate as a "
+                                                                     "factor of the base rate."),
+    ratio_schedule: str = typer.Option(DEFAULTS.schedule, "--ratio-schedule", "-r",
+                                       help="How many pairs the split makes safe (see `safeclip split "
+                                            "--help`; safeclip = the paper's first-split rule)."),
+    workers: int = typer.Option(DEFAULTS.workers, help="DataLoader workers for embedding."),
+    threads: int = typer.Option(0, help="torch threads for the warm-up; 0 = one per core but one. The "
+                                        "numbers depend a little on it (floating-point order)."),
 ) -> None:
-    """Run the whole pipeline on the bundled Fashion-MNIST sample (5,000 pairs) in a few minutes.
+    """Run the whole pipeline on a poisoned sample, in a few minutes.
 
-    Injects a BadNet backdoor (50 pairs) and targeted poisons (4 test images x 25 copies), warms up
-    the shipped small model, embeds every pair, splits safe/risky with SafeCLIP's rule and reports
-    how many injected poisons landed in the risky set, as this run measured it.
+    Takes the bundled Fashion-MNIST sample (5,000 pairs), injects a BadNet backdoor (50 pairs)
+    and targeted poisons (4 test images x 25 copies), warms up the shipped small model, embeds
+    every pair, splits them into safe and risky and reports how many injected poisons landed in
+    each set, and how far the safe set could grow before the first one, as this run measured it.
     """
-    from sanitize.stages.demo import DemoConfig, run_demo
+    from sanitize.stages.demo import run_demo
 
     config = DemoConfig(out=str(out), seed=seed, unimodal_epochs=unimodal_epochs, clip_epochs=clip_epochs,
-                        workers=workers)
+                        clip_lr_scale=clip_lr_scale, schedule=ratio_schedule, workers=workers,
+                        threads=threads or None)
     stages = {"poison": "injecting BadNet + targeted poisons", "warmup": "warming up the small model",
               "embed": "embedding every pair", "split": "splitting safe / risky", "report": "writing the report"}
     with user_errors():
@@ -34,15 +48,23 @@ def demo(
 
     p = out_console.print
     p("")
-    p(f"[bold]{summary.pairs:,} pairs[/], {summary.risky:,} flagged risky "
-      f"({summary.risky / summary.pairs:.1%}) by the first SafeCLIP split")
+    for message in summary.warnings:
+        warn(message)
+    p(f"[bold]{summary.pairs:,} pairs[/] split by {summary.schedule}: [bold]{summary.safe:,} safe "
+      f"({summary.safe_share:.1%}) holding {summary.poisons_in_safe} of {summary.poisons} poisons[/], "
+      f"{summary.risky:,} risky")
     for row in summary.recall:
         what = "mismatched captions (natural noise)" if row["attack"] == "noise" else f"{row['attack']} poisons"
         p(f"  {row['risky']:>4} of {row['poisons']:>4} {what} in the risky set (recall {row['recall']:.1%})")
     if summary.first_poison_rank is not None:
+        headroom = summary.poison_free_share - summary.safe_share
         p(f"  the cleanest-looking poison ranks {summary.first_poison_rank:,} of {summary.pairs:,}: a safe set "
-          f"of up to {summary.first_poison_rank / summary.pairs:.1%} would still hold no poison "
-          f"(SafeCLIP starts small and grows the safe set 1 point per epoch)")
+          f"of up to {summary.poison_free_share:.1%} would still hold no poison (headroom "
+          f"{100 * headroom:+.1f} points over this split)")
+    if summary.separation:
+        q = summary.separation
+        p(f"  mixture: Bhattacharyya coefficient {q['bhattacharyya']:.2f}, Ashman's D {q['ashman_d']:.2f}, "
+          f"{q['overlap']:.1%} of pairs on the wrong side by the fit's own account")
     p("five most risky pairs (DuckDB: SELECT caption FROM risky ORDER BY rank DESC LIMIT 5):")
     for row in summary.most_risky:
         tag = f" [{row['attack']}]" if row["attack"] else ""
@@ -52,6 +74,7 @@ def demo(
     p(f"outputs in {summary.out}/: data/poisoned (+ manifest.parquet), warmup.pt, embeddings/, split/",
       markup=False)
     p(f"report:  {summary.report}", markup=False)
+    p(f"detection: safeclip eval --split {summary.out}/split", markup=False)
     p(f"query:   safeclip query {summary.out}/split \"SELECT attack, partition, count(*) FROM pairs "
       f"JOIN truth USING (key) GROUP BY ALL ORDER BY ALL\"", markup=False)
     done(f"demo finished in {sum(summary.seconds.values()):.0f}s")

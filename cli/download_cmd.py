@@ -37,7 +37,11 @@ def download(
     extra: List[str] = typer.Option([], "--extra", help="Any other img2dataset.download argument as KEY=VALUE "
                                                         "(repeatable), e.g. --extra min_image_size=64."),
 ) -> None:
-    """Download images and captions with img2dataset, then check they read back as pairs."""
+    """Download pairs with img2dataset and check they read back.
+
+    img2dataset does the downloading (pip install 'safeclip[download]'); safeclip then reads
+    every shard back and reports readable pairs and skips by reason.
+    """
     from sanitize.io.download import (DownloadError, DownloadOptions, STATS_PATH, download as run_download,
                                    parse_extra, resolve_options)
 

@@ -11,9 +11,11 @@ import typer
 from .common import done, err_console, fail, out_console, progress, user_errors, warn
 
 HELP = "\n\n".join([
-    "Evaluate a checkpoint on a labelled test source: zero-shot top-1/top-5 and per-class accuracy (prompt "
-    "ensemble: mean of normalised template embeddings per class), and, when asked, a linear probe, "
-    "backdoor attack success, targeted-poisoning success and the detection quality of a split.",
+    "Evaluate a model, or how well a split caught the poisons.",
+    "With a model (CHECKPOINT, or --model ARCH --pretrained WEIGHTS for open_clip weights) and a labelled "
+    "--test source: zero-shot top-1/top-5 and per-class accuracy (prompt ensemble: mean of normalised "
+    "template embeddings per class), and, when asked, a linear probe, backdoor attack success and "
+    "targeted-poisoning success. With --split PART alone, no model: the split's detection quality.",
     "A test image's class is its metadata `class_name` (when it is one of --classes) or its integer `label`.",
     "--train SRC: logistic regression on standardised frozen image features of SRC, accuracy on --test.",
     "--poison-dir DIR / --manifest PATH (the `safeclip poison` manifest): for each backdoor in it, the "
@@ -31,7 +33,13 @@ def _pct(value: float | None) -> str:
 
 
 def _print_tables(r: dict) -> None:
-    from rich import box
+    if r["zero_shot"] is not None:
+        _print_model_tables(r)
+    if r["detection"]:
+        _print_detection(r["detection"])
+
+
+def _print_model_tables(r: dict) -> None:
     from rich.table import Table
 
     zs = r["zero_shot"]
@@ -79,27 +87,32 @@ def _print_tables(r: dict) -> None:
                           "yes" if row["success"] else "no")
         out_console.print(table)
 
-    if r["detection"]:
-        d = r["detection"]
-        table = Table(title=f"detection: {d['risky']:,} risky of {d['n']:,} pairs (safe share "
-                            f"{_pct(d['safe_share'])})", title_justify="left",
-                      caption="recall: share of them in risky; prec.: their share of risky; AUROC of "
-                              "1 - p_clean vs clean pairs; first: pairs ranked above the first of them; "
-                              "free: the largest safe share that holds none of them",
-                      caption_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
-        for name in ("kind", "pairs", "risky", "safe", "recall", "prec.", "AUROC", "first", "free"):
-            table.add_column(name, justify="left" if name == "kind" else "right", no_wrap=True)
-        for row in d["rows"]:
-            table.add_row(row["name"], f"{row['total']:,}", f"{row['in_risky']:,}", f"{row['in_safe']:,}",
-                          _pct(row["recall"]), _pct(row["precision"]),
-                          "–" if row["auroc"] is None else f"{row['auroc']:.3f}",
-                          "–" if row["first_rank"] is None else f"{row['first_rank']:,}",
-                          _pct(row["poison_free_share"]))
-        out_console.print(table)
+
+def _print_detection(d: dict) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"detection: {d['risky']:,} risky of {d['n']:,} pairs (safe share "
+                        f"{_pct(d['safe_share'])})", title_justify="left",
+                  caption="recall: share of them in risky; prec.: their share of risky; AUROC of "
+                          "1 - p_clean vs clean pairs; first: pairs ranked above the first of them; "
+                          "free: the largest safe share that holds none of them",
+                  caption_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
+    for name in ("kind", "pairs", "risky", "safe", "recall", "prec.", "AUROC", "first", "free"):
+        table.add_column(name, justify="left" if name == "kind" else "right", no_wrap=True)
+    for row in d["rows"]:
+        table.add_row(row["name"], f"{row['total']:,}", f"{row['in_risky']:,}", f"{row['in_safe']:,}",
+                      _pct(row["recall"]), _pct(row["precision"]),
+                      "–" if row["auroc"] is None else f"{row['auroc']:.3f}",
+                      "–" if row["first_rank"] is None else f"{row['first_rank']:,}",
+                      _pct(row["poison_free_share"]))
+    out_console.print(table)
 
 
 def _summary(r: dict) -> str:
-    parts = [f"zero-shot top-1 {_pct(r['zero_shot']['top1'])} on {r['zero_shot']['n']:,} images"]
+    parts = []
+    if r["zero_shot"] is not None:
+        parts.append(f"zero-shot top-1 {_pct(r['zero_shot']['top1'])} on {r['zero_shot']['n']:,} images")
     if r["linear_probe"]:
         parts.append(f"linear probe {_pct(r['linear_probe']['accuracy'])}")
     for b in r["backdoor"]:
@@ -107,15 +120,31 @@ def _summary(r: dict) -> str:
     if r["targeted"]:
         parts.append(f"targeted {r['targeted']['success']}/{r['targeted']['total']}")
     if r["detection"]:
-        value = r["detection"]["auroc"]
+        d = r["detection"]
+        value = d["auroc"]
         parts.append(f"detection AUROC {'–' if value is None else format(value, '.3f')}")
+        if r["zero_shot"] is None:  # the split alone: its headline numbers
+            everything = next((row for row in d["rows"] if row["kind"] == "poison" and row["name"] == "all poisons"),
+                              next((row for row in d["rows"] if row["kind"] == "poison"), None))
+            if everything:
+                parts.append(f"{everything['in_risky']:,} of {everything['total']:,} poisons in the risky set "
+                             f"(recall {_pct(everything['recall'])}), {everything['in_safe']:,} in the safe set "
+                             f"({_pct(d['safe_share'])} of {d['n']:,} pairs); poison-free up to "
+                             f"{_pct(d['poison_free_share'])}"
+                             + ("" if d["headroom"] is None else f" (headroom {100 * d['headroom']:+.1f} pt)"))
     return "eval: " + "; ".join(parts) + f"; {r['timing_s']['total']:.1f} s"
 
 
 def eval_cmd(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint from `safeclip warmup`/`pretrain`."),
-    test: str = typer.Option(..., "--test", help="Labelled test pair source (metadata `label` or `class_name`)."),
-    classes: str = typer.Option(..., "--classes", help="Class names in label order: a built-in set "
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint from `safeclip warmup`/`pretrain` "
+                                                          "(none with --model/--pretrained or --split alone)."),
+    model: Optional[str] = typer.Option(None, "--model", help="With --pretrained: the open_clip architecture "
+                                                             "(e.g. ViT-B-32) or config .json."),
+    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Local open_clip weights instead of "
+                                                                        "CHECKPOINT (e.g. epoch_N.pt)."),
+    test: Optional[str] = typer.Option(None, "--test", help="Labelled test pair source (metadata `label` or "
+                                                            "`class_name`); needed with a model."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Class names in label order: a built-in set "
                                                       "(fashion-mnist), a file (one a line) or a comma list; "
                                                       "name=words prompts with other words."),
     templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates file, one a line with "
@@ -132,6 +161,8 @@ def eval_cmd(
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for the linear probe."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads; 0 = $OMP_NUM_THREADS if set, "
+                                                            "else every core."),
     max_iter: int = typer.Option(1000, "--max-iter", min=1, help="Linear probe: logistic regression iterations."),
 ) -> None:
     """Evaluate a checkpoint (see HELP)."""
@@ -145,18 +176,25 @@ def eval_cmd(
         if out is not None and (out.is_dir() or not out.parent.is_dir()):
             fail(f"{out}: is a folder; --out takes a file name" if out.is_dir()
                  else f"{out.parent}: no such folder for --out")
-        class_set = load_classes(classes)
+        if checkpoint is not None and pretrained is not None:
+            fail("give CHECKPOINT (safeclip) or --model ARCH --pretrained WEIGHTS (open_clip), not both")
+        with_model = checkpoint is not None or pretrained is not None
+        if with_model and (test is None or classes is None):
+            fail("evaluating a model needs --test SRC and --classes (or give --split PART alone)")
+        class_set = load_classes(classes) if classes is not None else None
         prompts = load_templates(templates)
         manifest_file = find_poison_manifest(poison_dir, manifest) if (poison_dir or manifest) else None
         if truth is not None and split is None:
             fail("--truth is for --split; give --split PART too")
         device = str(resolve_device(device))  # no CUDA, or a bogus name: one line before any work
-        config = EvalConfig(checkpoint=str(checkpoint), test=test, classes=list(class_set.names),
-                            prompt_names=list(class_set.prompt_names), templates=prompts,
+        config = EvalConfig(checkpoint=str(checkpoint) if checkpoint else None, test=test,
+                            classes=list(class_set.names) if class_set else [],
+                            model=model, pretrained=str(pretrained) if pretrained else None,
+                            prompt_names=list(class_set.prompt_names) if class_set else None, templates=prompts,
                             templates_source=str(templates) if templates else "default", train=train,
                             manifest=manifest_file, split=str(split) if split else None,
                             truth=str(truth) if truth else None, batch_size=batch_size, device=device,
-                            seed=seed, max_iter=max_iter)
+                            seed=seed, max_iter=max_iter, threads=threads)
         result = evaluate(config, track=progress)  # CheckpointError is a ValueError: one line
     for message in result["warnings"]:
         warn(message)

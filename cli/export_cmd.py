@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import done, fail, progress_counter, user_errors, warn
+from .common import done, err_console, fail, progress_counter, user_errors, warn
 
 
 def export(
@@ -17,13 +17,16 @@ def export(
     format: str = typer.Option(None, "--format", help="Force the source format."),
     samples_per_shard: int = typer.Option(10000, help="Pairs per output shard."),
 ) -> None:
-    """Reshard one partition of a split into webdataset tars, reading images from the original source.
+    """Write a partition of a split as webdataset shards for open_clip.
 
-    Train on the result with open_clip:
-    python -m open_clip_train.main --train-data 'OUT/{00000..NNNNN}.tar' --dataset-type webdataset
-    (OUT/sizes.json gives the dataset size).
+    Reads the images from the original source and writes img2dataset's layout with
+    sizes.json, which open_clip's trainer reads (pip install 'safeclip[train]'):
+
+    \b
+    python -m open_clip_train.main --dataset-type webdataset \\
+        --train-data 'OUT/{00000..NNNNN}.tar' --model ViT-B-32 ...
     """
-    from sanitize.stages.export import export_partition
+    from sanitize.stages.export import export_partition, open_clip_command, open_clip_trainer_problem
     from sanitize.io.pairs import open_pairs
 
     with user_errors():
@@ -37,6 +40,12 @@ def export(
         warn(f"{stats['missing_from_source']} key(s) of the partition were not found in the source, "
              f"e.g. {', '.join(stats['missing_examples'][:3])} (listed in {out}/export_stats.json)")
     done(f"exported {stats['written']:,} {partition} pairs of {stats['partition_size']:,} to {out}")
+    if stats["written"]:
+        err_console.print(f"train on it with open_clip: {open_clip_command(out, stats['shards'])}",
+                          highlight=False, markup=False, soft_wrap=True)
+        problem = open_clip_trainer_problem()
+        if problem:
+            warn(problem)
     if stats["missing_from_source"]:
         raise typer.Exit(1)
 

@@ -25,7 +25,11 @@ def inspect(
     show: int = typer.Option(3, min=0, help="How many pairs to print."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead."),
 ) -> None:
-    """Count the readable pairs of a source, list skipped ones by reason, show the first pairs."""
+    """Show what safeclip reads from a source.
+
+    Detects the format, counts the shards and readable pairs, lists skipped pairs by reason and
+    shows the first pairs.
+    """
     from sanitize.io.pairs import CsvOptions, open_pairs
 
     with user_errors():

@@ -16,6 +16,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain help: click rewraps every paragraph to the terminal (80 columns reads well), and
+    # flags show no `<bool>`; rich's boxed tables squeezed the help column on long pages.
+    rich_markup_mode=None,
 )
 
 

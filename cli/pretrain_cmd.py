@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +9,7 @@ import typer
 
 from sanitize.stages.config import PretrainConfig, WarmupConfig
 
-from .common import EpochBar, default_threads, done, fail, user_errors, warn
+from .common import EpochBar, done, fail, user_errors, warn
 
 P, W = PretrainConfig(), WarmupConfig()  # the library's defaults, shown and passed on
 HELP = {
@@ -46,7 +45,8 @@ def pretrain(
     defense: str = typer.Option(P.defense, help=HELP["defense"]),
     model: Optional[str] = typer.Option(None, help="open_clip architecture, shipped config "
                                                    "(safeclip-tiny-vit, safeclip-small-vit) or config .json."),
-    pretrained: Optional[str] = typer.Option(None, help="Local open_clip checkpoint to start from."),
+    pretrained: Optional[str] = typer.Option(None, help="Local open_clip weights to start from, for "
+                                                        "--model (e.g. open_clip_train's epoch_N.pt)."),
     epochs: Optional[int] = typer.Option(None, help=f"Total epochs including the warm-up [{P.epochs}]."),
     unimodal_epochs: Optional[int] = typer.Option(None, help=f"Phase 1 epochs [{W.unimodal_epochs}]."),
     clip_epochs: Optional[int] = typer.Option(None, help=f"Phase 2 epochs (CLIP at --clip-lr-scale x lr) "
@@ -87,10 +87,14 @@ def pretrain(
                                             "(its saved settings are used)."),
     overwrite: bool = typer.Option(False, help="Delete an existing run folder at --out first."),
 ) -> None:
-    """SafeCLIP pre-training end to end: unimodal + low-LR CLIP warm-up, then every epoch score all
-    pairs, split them with the ratio schedule into OUT/splits/epoch=K/, and train the safe set with
-    the cross-augmented CLIP loss and the risky set with the unimodal loss (batches of the two
-    interleaved in proportion). Runs under torchrun (DDP; gloo on CPU, NCCL on GPU)."""
+    """SafeCLIP training: warm-up, then split and train every epoch.
+
+    Unimodal + low-LR CLIP warm-up, then every epoch score all pairs, split them with the ratio
+    schedule into OUT/splits/epoch=K/, and train the safe set with the cross-augmented CLIP loss
+    and the risky set with the unimodal loss (batches of the two interleaved in proportion).
+    Each split's mixture, separation and warnings go into OUT/metrics.jsonl; the summary
+    repeats the warnings. Runs under torchrun (DDP; gloo on CPU, NCCL on GPU).
+    """
     from sanitize.stages.pretrain import Hooks, prepare_run_folder, run_pretrain
     from sanitize.train import distributed
 
@@ -110,7 +114,6 @@ def pretrain(
         distributed.resolve_device(device)  # no CUDA, or a bogus name: one line before any work
         with distributed.session(device) as ctx:
             prepare_run_folder(out, resume=resume, overwrite=overwrite, ctx=ctx)
-            threads = threads or default_threads(workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             with EpochBar(enabled=ctx.is_main) as bar:
                 hooks = Hooks(warmup_epoch_start=bar.epoch_start, step=bar.step, epoch_start=bar.epoch_start,
                               stage=bar.stage, score_batch=bar.advance_stage)

@@ -13,7 +13,9 @@ SPEC_SHORT = ("Ratio schedule SPEC: safeclip[:threshold=T,step=S,cap=C,r0=R] | f
 
 # Typer keeps single newlines of help text, so every paragraph is one string.
 HELP = "\n\n".join([
-    "Fit a 2-component Gaussian mixture to the pair similarities and split the pairs into safe and risky.",
+    "Split embedded pairs into safe and risky.",
+    "Fits a 2-component Gaussian mixture to the pair similarities. It warns when the safe set is below "
+    "10% of the pairs or the mixture's components overlap (split.json: separation).",
     "p_clean is the posterior of the higher-mean component. Pairs are ranked by p_clean (ties: similarity, "
     "then key; rank 0 = most clean) and the ratio schedule picks how many are safe.",
     "SPEC safeclip[:threshold=T,step=S,cap=C,r0=R] is SafeCLIP's schedule. Epoch 0: safe = p_clean >= T "
@@ -73,7 +75,10 @@ def split(
            else f"{m.ranking} ranking")
     done(f"split {counts['total']:,} pairs at epoch {epoch} ({how}): {counts['safe']:,} safe "
          f"({counts['safe_share']:.1%}, target ratio {m.ratio:.4f}{r0}), {counts['risky']:,} risky; "
-         f"mixture means {mix['means'][0]:.3f} / {mix['means'][1]:.3f}; "
+         f"mixture means {mix['means'][0]:.3f} / {mix['means'][1]:.3f}"
+         + (f" (overlap {m.separation['overlap']:.1%}, Bhattacharyya coefficient "
+            f"{m.separation['bhattacharyya']:.2f}, Ashman's D {m.separation['ashman_d']:.2f})"
+            if m.separation else "") + "; "
          f"{m.timing_s['total']:.1f} s -> {Split(out).manifest_path}")
 
 

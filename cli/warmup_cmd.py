@@ -9,7 +9,7 @@ import typer
 
 from sanitize.stages.config import WarmupConfig
 
-from .common import EpochBar, default_threads, done, fail, user_errors, warn
+from .common import EpochBar, done, fail, user_errors, warn
 
 W = WarmupConfig()  # the library's defaults, shown and passed on
 
@@ -20,8 +20,9 @@ def warmup(
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (rewritten after every epoch)."),
     model: str = typer.Option(W.model, help="open_clip architecture name, a shipped config "
                                                        "(safeclip-tiny-vit, safeclip-small-vit) or a config .json."),
-    pretrained: Optional[str] = typer.Option(None, help="Local open_clip checkpoint to start from "
-                                                        "(nothing is downloaded)."),
+    pretrained: Optional[str] = typer.Option(None, help="Local open_clip weights to start from, for "
+                                                        "--model (e.g. open_clip_train's epoch_N.pt; "
+                                                        "nothing is downloaded)."),
     unimodal_epochs: int = typer.Option(W.unimodal_epochs, help="Phase 1: epochs of image-only and text-only "
                                                                 "contrastive learning."),
     clip_epochs: int = typer.Option(W.clip_epochs, help="Phase 2: epochs of CLIP loss at --clip-lr-scale x --lr."),
@@ -55,7 +56,12 @@ def warmup(
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps in total, "
                                                        "saving a checkpoint that --resume continues."),
 ) -> None:
-    """SafeCLIP warm-up: unimodal contrastive epochs, then low-learning-rate CLIP epochs."""
+    """SafeCLIP warm-up: unimodal epochs, then low-LR CLIP epochs.
+
+    Phase 1 trains each tower on its own modality (two augmented views of each image, two EDA
+    views of each caption); phase 2 trains the CLIP loss at --clip-lr-scale x --lr. Start from
+    your own open_clip weights with --model and --pretrained.
+    """
     from sanitize.io.pairs import CsvOptions
     from sanitize.stages.warmup import check_output, ignored_on_resume, run_warmup
     from sanitize.train.distributed import resolve_device
@@ -79,7 +85,7 @@ def warmup(
                  + ", ".join(f"--{flags.get(k, k).replace('_', '-')}" for k in ignored))
         with EpochBar() as bar:
             result = run_warmup(src, out, config, resume=resume, device=device, max_steps=max_steps,
-                                source_format=source_format, threads=threads or default_threads(workers),
+                                source_format=source_format, threads=threads,
                                 csv_options=CsvOptions(image_column=image_column, caption_column=caption_column),
                                 on_epoch_start=bar.epoch_start, on_step=bar.step)
     skipped = result.epochs[0]["skipped"] if result.epochs else {}

@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sanitize.train.augment import EDA, EDA_OPS, ImageViews, WordNet, eval_transform, train_transform
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from sanitize.train.augment import EDA, EDA_OPS, WordNet, eval_transform
+from sanitize.train.views import COL, PARAMS, BatchViews, base_image, blur_kernel, draw_view_params
 
 HEADER = "  1 This is a licence header line that sorts before every lemma  \n  2 second line  \n"
 
@@ -57,28 +59,85 @@ def test_eval_transform_makes_rgb_at_model_size_without_randomness():
     assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[0], raw[2], atol=1e-5)  # gray -> RGB
 
 
-def test_image_views_are_seeded_sized_and_leave_global_rng_alone():
-    views = ImageViews(28)
-    image = gray_image(1)
-    torch.manual_seed(123)
-    v = views(image, seed=7)
-    after = torch.rand(3)
-    torch.manual_seed(123)
-    assert torch.equal(torch.rand(3), after)  # the global generator was not advanced
-    again = views(image, seed=7)
-    other = views(image, seed=8)
-    assert len(v) == 2 and v[0].shape == (3, 28, 28)
-    assert torch.equal(v[0], again[0]) and torch.equal(v[1], again[1])
-    assert not torch.equal(v[0], v[1])  # two different views of one image
-    assert not torch.equal(v[0], other[0])
+def test_view_params_are_seeded_and_follow_simclr_probabilities():
+    a, b = draw_view_params(7, 28, (0.5, 1.0)), draw_view_params(7, 28, (0.5, 1.0))
+    other = draw_view_params(8, 28, (0.5, 1.0))
+    assert a.shape == (2, len(PARAMS)) and np.array_equal(a, b) and not np.array_equal(a, other)
+    assert not np.array_equal(a[0], a[1])  # two different views of one image
+    rows = np.concatenate([draw_view_params(seed, 28, (0.5, 1.0)) for seed in range(3000)])
+    assert abs(rows[:, COL["flip"]].mean() - 0.5) < 0.03 and abs(rows[:, COL["jitter"]].mean() - 0.8) < 0.03
+    assert abs(rows[:, COL["gray"]].mean() - 0.2) < 0.03 and abs(rows[:, COL["blur"]].mean() - 0.5) < 0.03
+    area = rows[:, COL["w"]] * rows[:, COL["h"]] / 28 ** 2
+    assert area.min() >= 0.5 - 0.06 and area.max() <= 1.0  # crop scale (0.5, 1), up to rounding
+    assert (rows[:, COL["x"]] + rows[:, COL["w"]] <= 28).all() and (rows[:, COL["y"]] + rows[:, COL["h"]] <= 28).all()
+    orders = rows[:, COL["order0"]:COL["order3"] + 1]
+    assert (np.sort(orders, axis=1) == np.arange(4)).all() and len({tuple(o) for o in orders}) == 24
+    assert (np.abs(rows[:, COL["brightness"]:COL["saturation"] + 1] - 1) <= 0.5).all()
+    assert (np.abs(rows[:, COL["hue"]]) <= 0.1).all()
 
 
-def test_train_transform_blur_kernel_scales_with_image_size():
-    small = [t for t in train_transform(28).transforms if hasattr(t, "transforms")]
-    big = [t for t in train_transform(224).transforms if hasattr(t, "transforms")]
-    blur = lambda ts: [x for t in ts for x in t.transforms if type(x).__name__ == "GaussianBlur"][0]  # noqa: E731
-    assert blur(small).kernel_size == (3, 3)
-    assert blur(big).kernel_size == (23, 23)
+def _normalised(x):
+    from open_clip.constants import OPENAI_DATASET_MEAN as mean, OPENAI_DATASET_STD as std
+
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def test_batch_views_apply_each_images_own_parameters():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (4, 3, 16, 16), dtype=np.uint8))
+    x = images.float() / 255
+    neutral = np.zeros((4, 1, len(PARAMS)), np.float32)
+    neutral[..., COL["w"]] = neutral[..., COL["h"]] = 16
+    views = BatchViews(16)
+    same = views(images, torch.from_numpy(neutral))[0]
+    assert torch.allclose(same, _normalised(x), atol=1e-4)  # the whole image, nothing else: the image
+
+    p = neutral.copy()
+    p[1, 0, COL["flip"]] = 1
+    p[2, 0, COL["gray"]] = 1
+    p[3, 0, COL["jitter"]], p[3, 0, COL["brightness"]:COL["hue"] + 1] = 1, (0.5, 1, 1, 0)
+    p[3, 0, COL["order0"]:COL["order3"] + 1] = (3, 0, 2, 1)
+    out = views(images, torch.from_numpy(p))[0]
+    assert torch.allclose(out[0], same[0], atol=1e-6)  # image 0 untouched by the others' parameters
+    assert torch.allclose(out[1], same[1].flip(-1), atol=1e-6)
+    gray = out[2] * torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1) + torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
+    assert torch.allclose(gray[0], gray[1], atol=1e-5) and torch.allclose(gray[1], gray[2], atol=1e-5)
+    assert torch.allclose(out[3], _normalised(x[3:4] * 0.5)[0], atol=1e-5)  # brightness 0.5 halves it
+
+    crop = neutral.copy()
+    crop[0, 0, [COL["x"], COL["y"], COL["w"], COL["h"]]] = (4, 2, 8, 8)
+    zoomed = views(images, torch.from_numpy(crop))[0][0]
+    corner = _normalised(x[:1, :, 2:10, 4:12])[0]
+    assert torch.allclose(zoomed[:, 0, 0], corner[:, 0, 0], atol=1e-5)  # box corners map to output corners
+    assert torch.allclose(zoomed[:, -1, -1], corner[:, -1, -1], atol=1e-5)
+
+    blur = neutral.copy()
+    blur[0, 0, COL["blur"]], blur[0, 0, COL["sigma"]] = 1, 2.0
+    assert views(images, torch.from_numpy(blur))[0][0].std() < same[0].std()  # smoother
+
+
+def test_batch_views_do_not_depend_on_the_batch_or_threads():
+    rng = np.random.default_rng(1)
+    images = torch.from_numpy(rng.integers(0, 256, (6, 3, 28, 28), dtype=np.uint8))
+    params = torch.from_numpy(np.stack([draw_view_params(seed, 28, (0.5, 1.0)) for seed in range(6)]))
+    views = BatchViews(28)
+    whole = views(images, params)
+    torch.set_num_threads(2)
+    try:
+        alone = [views(images[i:i + 1], params[i:i + 1]) for i in range(6)]
+    finally:
+        torch.set_num_threads(1)
+    for i in range(6):
+        assert torch.equal(whole[0][i], alone[i][0][0]) and torch.equal(whole[1][i], alone[i][1][0])
+    assert whole[0].shape == (6, 3, 28, 28) and not torch.equal(whole[0], whole[1])
+
+
+def test_base_image_is_a_model_size_rgb_square():
+    wide = Image.fromarray(np.arange(40 * 80, dtype=np.uint32).reshape(40, 80).astype(np.uint8), "L")
+    square = base_image(wide, 20)
+    assert square.shape == (3, 20, 20) and square.dtype == np.uint8
+    assert (square[0] == square[1]).all()  # gray to RGB
+    assert blur_kernel(28) == 3 and blur_kernel(224) == 23  # ~10% of the side, odd (SimCLR)
 
 
 def test_wordnet_reader_finds_synonyms_in_real_file_format(tiny_wordnet):

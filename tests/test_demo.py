@@ -1,4 +1,4 @@
-"""`safeclip demo` end to end (one short CLIP warm-up epoch to keep it quick)."""
+"""`safeclip demo` end to end, with a reduced warm-up budget."""
 
 from __future__ import annotations
 
@@ -13,23 +13,35 @@ runner = CliRunner()
 
 
 def test_demo_summary_reports_what_the_outputs_hold(tmp_path):
+    """A reduced warm-up budget (2 CLIP epochs, not 3) still ends with a poison-free safe set, of
+    10% here (measured: the first poison at 14.7%; the full demo's is at 41.7%, docs/pipeline.md)."""
     out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--out", str(out), "--unimodal-epochs", "0", "--clip-epochs", "1",
-                                 "--workers", "0"])
+    result = runner.invoke(app, ["demo", "--out", str(out), "--clip-epochs", "2", "--ratio-schedule",
+                                 "fraction:0.1", "--workers", "0", "--threads", "1"])
     assert result.exit_code == 0, result.output
     for path in ("data/poisoned/manifest.parquet", "warmup.pt", "embeddings/embed.json", "split/split.json",
                  "report.html"):
         assert (out / path).exists(), path
 
     con = connect(out / "split")
-    pairs, risky = con.execute("SELECT count(*), count(*) FILTER (WHERE partition = 'risky') FROM pairs").fetchone()
+    pairs, safe = con.execute("SELECT count(*), count(*) FILTER (WHERE partition = 'safe') FROM pairs").fetchone()
     assert pairs == 5000 + 50 + 4 * 25  # sample + BadNet + targeted copies
+    (poisons_in_safe,) = con.execute("SELECT count(*) FROM safe JOIN truth USING (key) "
+                                     "WHERE kind = 'poison'").fetchone()
+    # The point of the demo: a safe set that holds no poison.
+    assert safe == 515 and poisons_in_safe == 0
     text = " ".join(result.output.split())
-    assert f"{pairs:,} pairs, {risky:,} flagged risky" in text
+    assert f"{pairs:,} pairs split by fraction:0.1: 515 safe (10.0%) holding 0 of 150 poisons" in text
+    # This weaker warm-up's mixture overlaps, and the summary says so.
+    assert "warning: the mixture's components overlap" in text
     for attack, n in (("badnet", 50), ("targeted", 100)):
         (in_risky,) = con.execute("SELECT count(*) FROM risky JOIN truth USING (key) WHERE attack = ?",
                                   [attack]).fetchone()
-        assert f"{in_risky} of {n} {attack} poisons in the risky set" in text
+        assert in_risky == n and f"{n} of {n} {attack} poisons in the risky set (recall 100.0%)" in text
+    (first,) = con.execute("SELECT min(rank) FROM pairs JOIN truth USING (key) WHERE kind = 'poison'").fetchone()
+    assert f"the cleanest-looking poison ranks {first:,} of {pairs:,}" in text
+    assert f"headroom {100 * (first - safe) / pairs:+.1f} points" in text
+    assert "Bhattacharyya coefficient" in text
     top = con.execute("SELECT caption FROM risky ORDER BY rank DESC LIMIT 5").fetchall()
     for (caption,) in top:
         assert caption in result.output

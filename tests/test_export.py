@@ -67,3 +67,26 @@ def test_export_errors_are_one_line(tmp_path):
     assert result.exit_code == 1 and "no split.json" in result.output and "Traceback" not in result.output
     bad = runner.invoke(app, ["export", str(tmp_path), "--partition", "maybe", "--out", str(tmp_path / "o")])
     assert bad.exit_code == 1 and "unknown partition 'maybe'" in bad.output
+
+
+def test_export_names_open_clip_command_and_a_webdataset_it_cannot_use(monkeypatch):
+    from importlib import metadata
+
+    from sanitize.stages import export
+
+    assert export.open_clip_command("out", 3).startswith(
+        "python -m open_clip_train.main --train-data 'out/{00000..00002}.tar' --dataset-type webdataset")
+    assert "'out/00000.tar'" in export.open_clip_command("out", 1)
+    versions = {"webdataset": "0.2.86"}
+
+    def version(name):
+        if name not in versions:
+            raise metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert export.open_clip_trainer_problem() is None
+    versions["webdataset"] = "0.2.111"
+    assert "webdataset 0.2.111 breaks open_clip's trainer" in export.open_clip_trainer_problem()
+    del versions["webdataset"]
+    assert "safeclip[train]" in export.open_clip_trainer_problem()

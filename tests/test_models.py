@@ -63,3 +63,23 @@ def test_pretrained_local_open_clip_weights_load_and_mismatch_is_reported(tmp_pa
         create_model("safeclip-small-vit", pretrained=str(weights))
     with pytest.raises(ValueError, match="never downloaded"):
         create_model(DEFAULT_MODEL, pretrained="laion2b_s34b_b79k")
+
+
+def test_open_clip_main_registers_shipped_and_json_configs(tmp_path):
+    import json
+
+    import open_clip
+
+    from sanitize.models.factory import CONFIG_DIR
+    from sanitize.models.open_clip_main import register_configs
+
+    config = json.loads((CONFIG_DIR / "safeclip-tiny-vit.json").read_text())
+    config["embed_dim"] = 64
+    (tmp_path / "my-clip.json").write_text(json.dumps(config))
+    argv = register_configs(["--train-data", "x.tar", "--model", str(tmp_path / "my-clip.json"), "--epochs", "1"])
+    assert argv == ["--train-data", "x.tar", "--model", "my-clip", "--epochs", "1"]
+    assert open_clip.get_model_config("my-clip")["embed_dim"] == 64
+    assert open_clip.get_model_config("safeclip-small-vit") is not None
+    assert register_configs([f"--model={tmp_path / 'my-clip.json'}"]) == ["--model=my-clip"]
+    with pytest.raises(SystemExit, match="not found"):
+        register_configs(["--model", str(tmp_path / "nope.json")])

@@ -68,6 +68,12 @@ def test_all_phases_write_checkpoints_splits_and_metrics(full_run):
         assert 0.0 <= r["zero_shot_top1"] <= 1.0 and r["eval_pairs"] == 200
         assert {"means", "variances", "weights"} <= set(r["mixture"])
         part = run / "splits" / f"epoch={r['epoch']}"
+        split_json = json.loads((part / "split.json").read_text())
+        # the split's separation beside its mixture; its warnings, if any, in the record and the summary
+        assert r["separation"] == split_json["separation"] and "bhattacharyya" in r["separation"]
+        assert r.get("split_warnings", []) == split_json["warnings"]
+        for message in split_json["warnings"]:
+            assert " ".join(message.split())[:60] in " ".join(output.split())
         assert len(safe_keys(part)) == r["n_safe"]
         assert (run / "scores" / f"epoch={r['epoch']}" / "embed.json").exists()
     if records[2]["n_safe"]:

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from emb_synth import mixture_similarities, write_emb
+from sanitize.defenses.gmm import Mixture
 from sanitize.defenses.schedule import parse_schedule, plan_split, round_count
+from sanitize.io.artifacts import SplitManifest
 from sanitize.stages.split import split
 
 
@@ -232,3 +234,26 @@ def test_cli_split_and_errors(tmp_path):
     assert r.exit_code != 0 and "--force" in r.output
     r = runner.invoke(app, ["split", "--help"])
     assert "fraction:F" in r.output and "threshold:T" in r.output
+
+
+def test_split_records_separation_and_warns_when_not_to_trust_it(tmp_path):
+    from sanitize.defenses.gmm import separation
+
+    rng = np.random.default_rng(0)
+    good = write_emb(tmp_path / "good", {"00000": mixture_similarities(2000, rng)})
+    r = split(good, tmp_path / "pg", "safeclip")
+    m = json.loads((tmp_path / "pg" / "split.json").read_text())
+    expected = separation(Mixture(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["mixture"].items()
+                                     if k != "monotone_below"}))
+    assert m["separation"] == pytest.approx(expected) and m["separation"]["separated"]
+    assert SplitManifest.from_json(m).separation == m["separation"]
+    assert not [w for w in r.warnings if "floor" in w or "overlap" in w]
+    # Two bumps at 0.10 and 0.15 with overlapping spreads (the demo of issue 15), and a tiny safe set.
+    sims = np.where(rng.random(2000) < 0.5, rng.normal(0.10, 0.04, 2000), rng.normal(0.15, 0.05, 2000))
+    poor = write_emb(tmp_path / "poor", {"00000": sims.astype(np.float32)})
+    r = split(poor, tmp_path / "pp", "fraction:0.05")
+    assert any("below the 10% floor" in w for w in r.warnings)
+    assert any("components overlap (" in w and "wrong side" in w for w in r.warnings)
+    assert r.manifest.warnings == r.warnings and not r.manifest.separation["separated"]
+    out = CliRunner().invoke(app, ["split", str(poor), "--out", str(tmp_path / "pc"), "-r", "fraction:0.05"])
+    assert out.exit_code == 0 and "floor" in out.output and "Ashman's D" in out.output

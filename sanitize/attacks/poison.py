@@ -22,9 +22,18 @@ Several attacks: run `poison` again on a poisoned output. The new output keeps
 the earlier manifest rows, adds the new run's, and never poisons an earlier
 poison pair again; `poison.json` lists every run.
 
+Captions: on captioned Fashion-MNIST a poison's caption is generated for its
+Fashion-MNIST class (the defaults). On any other data give the captions poisons
+carry (`target_captions`, sampled per poison pair) and/or a `target_class` name:
+any name, used as the manifest's label (eval's attack success needs it among its
+--classes) and to keep pairs of that class out of the backdoor's images; without
+captions a non-Fashion-MNIST class gets "a photo of a NAME". Targeted poisoning
+then gives every target the same adversarial captions and class.
+
 Poisoned images are written as PNG so trigger pixels stay exact. Pairs whose
-class is not in their metadata (`class_name` or `label`) are classed by whether
-their caption names the target class (any of its synonyms).
+class is not in their metadata (`class_name`, or on Fashion-MNIST an integer
+`label`) are classed by whether their caption names the target class (any of its
+synonyms on Fashion-MNIST, the name itself otherwise).
 """
 
 from __future__ import annotations
@@ -63,21 +72,40 @@ class PoisonConfig:
     targets: int = 16                # targeted: number of target images
     copies: int = 25                 # targeted: poison pairs per target
     target_source: str | None = None
+    target_captions: list[str] | None = None  # the captions poison pairs carry, one drawn per pair
+
+    @property
+    def fashion_mnist(self) -> bool:
+        """Captions and classes are Fashion-MNIST's (the generated-caption defaults)."""
+        if self.target_class is not None:
+            return self.target_class in FASHION_MNIST_CLASSES
+        return self.attack == "targeted" and not self.target_captions
 
     def validate(self) -> None:
         if self.attack not in ATTACKS:
             raise ValueError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
+        if self.target_captions is not None:
+            if not self.target_captions or any(not isinstance(c, str) or not c.strip()
+                                               for c in self.target_captions):
+                raise ValueError("target captions must be non-empty text")
+            if self.attack == "label-consistent":
+                raise ValueError("--attack label-consistent keeps the pairs' own captions; "
+                                 "--target-caption does not apply")
+        if self.target_class is not None and not self.target_class.strip():
+            raise ValueError("--target-class must be a non-empty name")
         if self.attack == "targeted":
             if not self.target_source:
-                raise ValueError("--attack targeted needs --target-source (e.g. the test set)")
+                raise ValueError("--attack targeted needs --target-source (the target images: any pair source)")
             if self.targets < 1 or self.copies < 1:
                 raise ValueError("--targets and --copies must be >= 1")
             if self.count is not None or self.share is not None:
                 raise ValueError("--attack targeted takes --targets and --copies, not --count/--share")
             return
-        if self.target_class not in FASHION_MNIST_CLASSES:
-            raise ValueError(f"--attack {self.attack} needs --target-class, one of "
-                             f"{', '.join(FASHION_MNIST_CLASSES)}")
+        if self.target_class is None and (self.attack == "label-consistent" or not self.target_captions):
+            needs = ("--target-class NAME" if self.attack == "label-consistent"
+                     else "--target-class NAME and/or --target-caption TEXT")
+            raise ValueError(f"--attack {self.attack} needs {needs} (Fashion-MNIST class names get "
+                             f"generated captions: {', '.join(FASHION_MNIST_CLASSES)})")
         if self.count is not None and self.share is not None:
             raise ValueError("give --count or --share, not both")
         if self.count is not None and self.count < 1:
@@ -116,9 +144,12 @@ class PoisonItem:
 
 # ---- pure core ------------------------------------------------------------------------
 
-def class_of(meta: dict) -> str | None:
-    """The true class named in a pair's metadata (Fashion-MNIST classes), if any."""
+def class_of(meta: dict, fashion_mnist: bool = True) -> str | None:
+    """The true class named in a pair's metadata, if any: on Fashion-MNIST its `class_name`
+    or integer `label`; on other data its `class_name` (a label number means nothing there)."""
     name = meta.get("class_name")
+    if not fashion_mnist:
+        return name.strip() if isinstance(name, str) and name.strip() else None
     if name in FASHION_MNIST_CLASSES:
         return name
     label = meta.get("label")
@@ -128,12 +159,32 @@ def class_of(meta: dict) -> str | None:
 
 
 def mentions(caption: str, class_name: str) -> bool:
-    words = sorted(class_words(class_name), key=len, reverse=True)
+    names = class_words(class_name) if class_name in FASHION_MNIST_CLASSES else (class_name.lower(),)
+    words = sorted(names, key=len, reverse=True)
     return re.search(r"\b(" + "|".join(map(re.escape, words)) + r")\b", caption.lower()) is not None
 
 
 def _is_target(row: Row, target: str) -> bool:
-    return row.true_class == target if row.true_class is not None else mentions(row.caption, target)
+    if row.true_class is not None:
+        return row.true_class.lower() == target.lower()
+    return mentions(row.caption, target)
+
+
+def _article(name: str) -> str:
+    return "an" if name[:1].lower() in "aeiou" else "a"
+
+
+def caption_drawer(config: PoisonConfig) -> Callable[[np.random.Generator], str]:
+    """How a poison pair's caption is drawn: one of the given captions, a generated Fashion-MNIST
+    caption of the target class, or "a photo of a NAME" for any other class."""
+    if config.target_captions:
+        captions = [c.strip() for c in config.target_captions]
+        return lambda rng: captions[int(rng.integers(len(captions)))]
+    target = config.target_class
+    if target in FASHION_MNIST_CLASSES:
+        return lambda rng: caption_for(FASHION_MNIST_CLASSES.index(target), rng)
+    text = f"a photo of {_article(target)} {target}"
+    return lambda rng: text
 
 
 def poison_count(config: PoisonConfig, n_source: int) -> int:
@@ -161,7 +212,8 @@ def plan(config: PoisonConfig, rows: list[Row], target_rows: list[Row] | None = 
             raise ValueError(f"key {key} already exists in the source")
         return key
 
-    if config.attack == "targeted":
+    if config.attack == "targeted" and config.target_class is None and not config.target_captions:
+        # Fashion-MNIST: each target gets captions of a random other class.
         eligible = [r for r in (target_rows or []) if r.true_class is not None]
         if len(eligible) < config.targets:
             raise ValueError(f"target source has {len(eligible)} pairs with a known class; "
@@ -174,18 +226,35 @@ def plan(config: PoisonConfig, rows: list[Row], target_rows: list[Row] | None = 
                 items.append(PoisonItem(new_key(), config.attack, target.key, target.true_class, adversarial,
                                         caption_for(FASHION_MNIST_CLASSES.index(adversarial), rng), None,
                                         0, from_target_source=True))
+    elif config.attack == "targeted":
+        # Any data: every target gets the given adversarial captions (and class label, if any).
+        adversarial = config.target_class
+        draw = caption_drawer(config)
+        eligible = [r for r in (target_rows or []) if adversarial is None or not _is_target(r, adversarial)]
+        if len(eligible) < config.targets:
+            outside = f" outside class {adversarial!r}" if adversarial is not None else ""
+            raise ValueError(f"target source has {len(eligible)} readable pairs{outside}; "
+                             f"--targets {config.targets} needs more")
+        for index in sorted(rng.choice(len(eligible), size=config.targets, replace=False)):
+            target = eligible[index]
+            for _ in range(config.copies):
+                items.append(PoisonItem(new_key(), config.attack, target.key, target.true_class, adversarial,
+                                        draw(rng), None, 0, from_target_source=True))
     else:
         target = config.target_class
         consistent = config.attack == "label-consistent"
-        eligible = [r for r in rows if not r.poison and not r.noise and _is_target(r, target) == consistent]
+        draw = None if consistent else caption_drawer(config)
+        eligible = [r for r in rows if not r.poison and not r.noise
+                    and (target is None or _is_target(r, target) == consistent)]
         count = poison_count(config, len(rows))
         if count > len(eligible):
             kind = "of" if consistent else "outside"
+            where = f" {kind} class {target!r}" if target is not None else ""
             raise ValueError(f"{count} poison pairs requested but the source has only {len(eligible)} "
-                             f"clean pairs {kind} class {target!r}")
+                             f"clean pairs{where}")
         for index in sorted(rng.choice(len(eligible), size=count, replace=False)):
             row = eligible[index]
-            caption = None if consistent else caption_for(FASHION_MNIST_CLASSES.index(target), rng)
+            caption = None if consistent else draw(rng)
             items.append(PoisonItem(new_key(), config.attack, row.key, row.true_class, target, caption,
                                     config.trigger, 0))
     for item, position in zip(items, rng.integers(0, len(rows) + 1, size=len(items))):
@@ -205,7 +274,10 @@ def apply(pair: Pair, item: PoisonItem, trigger: Trigger | None) -> Pair:
     meta = {k: v for k, v in pair.meta.items()
             if k not in ("sha256", "split", "source_index", "noise", "key", "caption", "status")}
     if item.caption is not None and "caption_label" in meta:
-        meta["caption_label"] = FASHION_MNIST_CLASSES.index(item.target_class)
+        if item.target_class in FASHION_MNIST_CLASSES:
+            meta["caption_label"] = FASHION_MNIST_CLASSES.index(item.target_class)
+        else:
+            del meta["caption_label"]  # the new caption names no Fashion-MNIST class
     return Pair(key=item.key, caption=item.caption if item.caption is not None else pair.caption,
                 image=decode_image(data), image_bytes=data, image_ext=ext, meta=meta)
 
@@ -229,12 +301,13 @@ def _no_wrap(items: Iterable, total: int | None, description: str) -> Iterable:
     return items
 
 
-def read_rows(source: PairSource, previous: dict[str, dict], wrap: Wrap, what: str) -> list[Row]:
+def read_rows(source: PairSource, previous: dict[str, dict], wrap: Wrap, what: str,
+              fashion_mnist: bool = True) -> list[Row]:
     rows = []
     for pair in wrap(source, source.count_hint(), f"reading {what}"):
         old = previous.get(pair.key)
-        rows.append(Row(pair.key, class_of(pair.meta), pair.caption, bool(pair.meta.get("noise", False)),
-                        poison=old is not None and old["kind"] == "poison"))
+        rows.append(Row(pair.key, class_of(pair.meta, fashion_mnist), pair.caption,
+                        bool(pair.meta.get("noise", False)), poison=old is not None and old["kind"] == "poison"))
     return rows
 
 
@@ -263,13 +336,14 @@ def poison(src: str, out: str | os.PathLike, config: PoisonConfig, samples_per_s
     _check_out(out, src)
     previous, runs = load_previous(src)
     source = open_pairs(src)
-    rows = read_rows(source, previous, wrap, "source")
+    fashion = config.fashion_mnist
+    rows = read_rows(source, previous, wrap, "source", fashion)
     if not rows:
         raise ValueError(f"{src}: no readable pairs")
     target_rows, target_source = None, None
     if config.attack == "targeted":
         target_source = open_pairs(config.target_source)
-        target_rows = read_rows(target_source, {}, wrap, "target source")
+        target_rows = read_rows(target_source, {}, wrap, "target source", fashion)
     items = plan(config, rows, target_rows, existing_keys=[r.key for r in rows])
 
     # Make the poison pairs (one more read of whichever source they come from).
@@ -305,7 +379,7 @@ def poison(src: str, out: str | os.PathLike, config: PoisonConfig, samples_per_s
             else:
                 manifest.append({"key": pair.key, "attack": None,
                                  "kind": "noise" if pair.meta.get("noise") else "clean",
-                                 "target_class": None, "true_class": class_of(pair.meta),
+                                 "target_class": None, "true_class": class_of(pair.meta, fashion),
                                  "source_key": pair.key, "trigger": None, "run": None})
     if len(made) != len(items):
         raise ValueError("some poison sources could not be read twice the same way")

@@ -113,3 +113,104 @@ def density(x: np.ndarray, mixture: Mixture, component: int) -> np.ndarray:
     """Weighted density of one component (for plotting the fit over a histogram)."""
     mean, var, weight = mixture.means[component], mixture.variances[component], mixture.weights[component]
     return np.exp(_log_weighted_density(np.asarray(x, dtype=np.float64), mean, var, weight))
+
+
+# ---- how well the two components separate ----------------------------------------------------
+
+# When the components overlap too much to trust p_clean: the fit itself expects at least this
+# share of pairs on the wrong side (`bayes_overlap`), or the two component densities are nearly
+# the same whatever their weights (Bhattacharyya coefficient at least MAX_BHATTACHARYYA).
+# Measured on 14 first splits of the demo's 5,150 pairs (docs/pipeline.md, "safeclip demo"):
+# the warm-ups whose split worked (AUROC of p_clean >= 0.9) fitted overlaps of 3.5-9.8% and
+# coefficients of 0.54-0.74; those that failed (AUROC 0.49-0.80) 12-39% and 0.71-0.94. Ashman's D
+# (> 2 is the textbook criterion) is reported but tells them apart worse: 1.1-1.7 vs 0.1-1.6.
+MAX_OVERLAP = 0.10
+MAX_BHATTACHARYYA = 0.8
+# A safe share below this is too small to train the CLIP loss on. Measured: the 20k-pair proxy of
+# issue 17 started at 2.9% and reached 7.9% by epoch 8, and its defended model ended at 23.2%
+# zero-shot against 84.2% undefended; every run here that kept its accuracy trained on >= 20%.
+MIN_SAFE_SHARE = 0.10
+
+
+def _normal_cdf(x: float, mean: float, var: float) -> float:
+    if x == math.inf:
+        return 1.0
+    if x == -math.inf:
+        return 0.0
+    return 0.5 * (1.0 + math.erf((x - mean) / math.sqrt(2.0 * var)))
+
+
+def _log_odds_quadratic(mixture: Mixture) -> tuple[float, float, float]:
+    """(a, b, c) with clean_log_odds(x) = a·x² + b·x + c."""
+    (m0, m1), (v0, v1), (w0, w1) = mixture.means, mixture.variances, mixture.weights
+    a = 0.5 * (1.0 / v0 - 1.0 / v1)
+    b = m1 / v1 - m0 / v0
+    c = math.log(w1 / w0) - 0.5 * math.log(v1 / v0) - 0.5 * (m1 * m1 / v1 - m0 * m0 / v0)
+    if abs(a) < 1e-12 * max(1.0 / v0, 1.0 / v1):
+        a = 0.0
+    return a, b, c
+
+
+def bayes_overlap(mixture: Mixture) -> float:
+    """∫ min(w0·f0, w1·f1) dx: the share of pairs the fitted mixture itself expects to assign to
+    the wrong component (its Bayes error). 0 = disjoint components, at most min(w0, w1)."""
+    (m0, m1), (v0, v1), (w0, w1) = mixture.means, mixture.variances, mixture.weights
+    a, b, c = _log_odds_quadratic(mixture)
+    if a:
+        disc = b * b - 4 * a * c
+        roots = sorted({(-b - math.sqrt(disc)) / (2 * a), (-b + math.sqrt(disc)) / (2 * a)}) if disc >= 0 else []
+    else:
+        roots = [-c / b] if b else []
+    edges = [-math.inf, *roots, math.inf]
+
+    def clean_wins(lo: float, hi: float) -> bool:  # the sign of the log-odds inside (lo, hi)
+        if math.isfinite(lo) and math.isfinite(hi):
+            x = (lo + hi) / 2
+            return a * x * x + b * x + c > 0
+        if a:
+            return a > 0  # a quadratic's sign far out on either side
+        if b:
+            return (b > 0) == math.isinf(hi)
+        return c > 0
+
+    total = 0.0
+    for lo, hi in zip(edges, edges[1:]):
+        mean, var, weight = (m0, v0, w0) if clean_wins(lo, hi) else (m1, v1, w1)  # the smaller one there
+        total += weight * (_normal_cdf(hi, mean, var) - _normal_cdf(lo, mean, var))
+    return float(total)
+
+
+def separation(mixture: Mixture) -> dict:
+    """How well the fit separates risky from clean: a pure function of the fitted parameters.
+
+    ashman_d       sqrt(2)·|m1 - m0| / sqrt(v0 + v1) (> 2: separated, by the textbook rule).
+    bhattacharyya  the Bhattacharyya coefficient of the two component densities (weights left
+                   out): 1 = identical, 0 = disjoint; `bhattacharyya_distance` = -ln of it.
+    overlap        the fitted mixture's Bayes error (`bayes_overlap`).
+    clean_weight   the high-mean component's weight: the share of pairs the fit calls clean.
+    separated      overlap < MAX_OVERLAP and bhattacharyya < MAX_BHATTACHARYYA (measured, see there).
+    """
+    (m0, m1), (v0, v1), (_w0, w1) = mixture.means, mixture.variances, mixture.weights
+    d = math.sqrt(2.0) * abs(m1 - m0) / math.sqrt(v0 + v1)
+    distance = (m1 - m0) ** 2 / (4.0 * (v0 + v1)) + 0.5 * math.log((v0 + v1) / (2.0 * math.sqrt(v0 * v1)))
+    coefficient, overlap = math.exp(-distance), bayes_overlap(mixture)
+    return {"ashman_d": d, "bhattacharyya": coefficient, "bhattacharyya_distance": distance,
+            "overlap": overlap, "clean_weight": float(w1),
+            "separated": overlap < MAX_OVERLAP and coefficient < MAX_BHATTACHARYYA}
+
+
+def split_warnings(quality: dict, safe_share: float | None, min_safe_share: float = MIN_SAFE_SHARE) -> list[str]:
+    """Plain-language warnings when a split should not be trusted (see `separation`);
+    `safe_share` None skips the floor (the caller has said so already)."""
+    out = []
+    if safe_share is not None and safe_share < min_safe_share:
+        out.append(f"the safe set holds {safe_share:.1%} of the pairs, below the {min_safe_share:.0%} floor a "
+                   f"CLIP loss can train well on (a longer or stronger warm-up, or a fraction:F schedule, "
+                   f"gives more; docs/split.md)")
+    if not quality["separated"]:
+        out.append(f"the mixture's components overlap ({quality['overlap']:.1%} of pairs on the wrong side by "
+                   f"the fit's own account, limit {MAX_OVERLAP:.0%}; Bhattacharyya coefficient "
+                   f"{quality['bhattacharyya']:.2f}, limit {MAX_BHATTACHARYYA:g}; Ashman's D "
+                   f"{quality['ashman_d']:.2f}): p_clean does not tell clean from risky well; the warm-up may be "
+                   f"too weak")
+    return out

@@ -207,10 +207,16 @@ def zero_shot_top1(model, tokenizer: Callable, image_size: int, test: str, class
 
 @dataclass
 class EvalConfig:
-    checkpoint: str
-    test: str
-    classes: list[str]               # label names: metadata, manifest classes, tables
-    templates: list[str]
+    """What to evaluate. The model: `checkpoint` (safeclip), or `model` + `pretrained` (open_clip
+    weights; see `models.checkpoint.load_model`); it needs `test` and `classes`. `split` alone
+    (no model) scores the split's detection quality only."""
+
+    checkpoint: str | None = None
+    test: str | None = None
+    classes: list[str] = field(default_factory=list)  # label names: metadata, manifest classes, tables
+    templates: list[str] = field(default_factory=list)
+    model: str | None = None
+    pretrained: str | None = None
     prompt_names: list[str] | None = None  # the words prompts use per class (default: classes)
     templates_source: str = "default"
     train: str | None = None
@@ -221,9 +227,13 @@ class EvalConfig:
     device: str = "cpu"
     seed: int = 0
     max_iter: int = 1000
+    threads: int = 0                 # torch CPU threads; 0: every core (no data workers here)
 
 
 def _class_id(name: str | None, classes: list[str], what: str) -> int:
+    if name is None:
+        raise ValueError(f"the manifest records no {what} (poisoned with --target-caption alone); poison with "
+                         f"--target-class NAME to measure attack success, or score the split with --split")
     if name not in classes:
         raise ValueError(f"{what} {name!r} is not one of --classes ({', '.join(classes)})")
     return classes.index(name)
@@ -289,20 +299,52 @@ def _probe(config: EvalConfig, result: dict, model, transform: Callable, test: F
         result["warnings"].append(f"linear probe did not converge in {config.max_iter} iterations")
 
 
+def _detection(config: EvalConfig, result: dict) -> None:
+    truth = config.truth or config.manifest
+    result["detection"] = dict(split_detection(config.split, truth), split=config.split)
+    if result["detection"]["unlabelled"]:
+        result["warnings"].append(f"{result['detection']['unlabelled']} pair(s) of the split are not in the "
+                                  f"manifest; they count as neither poison nor clean")
+
+
+def evaluate_split(config: EvalConfig) -> dict:
+    """Detection quality of `config.split` alone, no model: the result's `detection` part."""
+    start = time.perf_counter()
+    result: dict = {"checkpoint": None, "model": None, "zero_shot": None, "linear_probe": None, "backdoor": [],
+                    "targeted": None, "warnings": []}
+    _detection(config, result)
+    result["timing_s"] = {"total": round(time.perf_counter() - start, 3)}
+    return json_ready(result)
+
+
 def evaluate(config: EvalConfig, track: Callable = _identity_track) -> dict:
     """Run every evaluation the inputs allow; returns the JSON-able result (see module doc)."""
     from ..io.pairs import open_pairs
-    from ..models.checkpoint import load_checkpoint
+    from ..models.checkpoint import load_model
     from ..models.factory import describe
     from ..train.augment import eval_transform
+    from ..train.distributed import use_threads
 
+    if config.checkpoint is None and config.pretrained is None:
+        if config.model is not None:
+            raise ValueError("--model needs --pretrained WEIGHTS")
+        if not config.split:
+            raise ValueError("nothing to evaluate: give a checkpoint (or --model + --pretrained) with --test and "
+                             "--classes, or --split PART alone for its detection quality")
+        if config.test or config.train or config.manifest:
+            raise ValueError("--test, --train and --poison-dir/--manifest need a model: give a checkpoint or "
+                             "--model + --pretrained (--split alone needs none)")
+        return evaluate_split(config)
+    if not config.test or not config.classes:
+        raise ValueError("evaluating a model needs --test (a labelled pair source) and --classes")
+    use_threads(config.threads, workers=0)
     timing: dict[str, float] = {}
     start = time.perf_counter()
     classes = config.classes
     prompt_names = config.prompt_names or classes
     if len(prompt_names) != len(classes):
         raise ValueError("one prompt name per class is needed")
-    result: dict = {"checkpoint": os.path.abspath(config.checkpoint), "classes": classes,
+    result: dict = {"checkpoint": os.path.abspath(config.checkpoint or config.pretrained), "classes": classes,
                     "prompt_names": prompt_names,
                     "templates": {"source": config.templates_source, "count": len(config.templates),
                                   "templates": config.templates},
@@ -316,9 +358,10 @@ def evaluate(config: EvalConfig, track: Callable = _identity_track) -> dict:
     if config.split:
         _check_split(config.split, truth)
 
-    model, tokenizer, image_size, model_config, _state = load_checkpoint(config.checkpoint, config.device)
-    model.eval()
-    result["model"] = describe(model_config)
+    loaded = load_model(config.checkpoint, model=config.model, pretrained=config.pretrained,
+                        map_location=config.device)
+    model, tokenizer, image_size = loaded.model.eval(), loaded.tokenizer, loaded.image_size
+    result["model"] = dict(describe(loaded.config), weights=loaded.weights)
     transform = eval_transform(image_size)
     t0 = time.perf_counter()
     weights = zero_shot_weights(text_embeddings(model, tokenizer, prompt_names, config.templates,
@@ -344,10 +387,7 @@ def evaluate(config: EvalConfig, track: Callable = _identity_track) -> dict:
     _probe(config, result, model, transform, test, timing, track)
     result["detection"] = None
     if config.split:
-        result["detection"] = dict(split_detection(config.split, truth), split=config.split)
-        if result["detection"]["unlabelled"]:
-            result["warnings"].append(f"{result['detection']['unlabelled']} pair(s) of the split are not in the "
-                                      f"manifest; they count as neither poison nor clean")
+        _detection(config, result)
     timing["total"] = time.perf_counter() - start
     result["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
     return json_ready(result)

@@ -363,6 +363,7 @@ class SplitManifest:
     input_files: list[dict]
     warnings: list[str]
     timing_s: dict
+    separation: dict = field(default_factory=dict)  # defenses/gmm.py `separation` ({} in older files)
     duplicate_keys: str = "error"  # how the source must be read again (from embed.json)
     schema: str = SPLIT_SCHEMA
     extra: dict = field(default_factory=dict)  # a ranking's own section, e.g. "balance"

@@ -15,13 +15,15 @@ import os
 import pickle
 import random
 import zipfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .. import __version__
-from .factory import build_model, image_size_of, make_tokenizer
+from .factory import build_model, create_model, image_size_of, make_tokenizer
 from ..io.shards import atomic_write_bytes
 
 FORMAT = "safeclip-checkpoint"
@@ -102,7 +104,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated: {reason[:160]})")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a safeclip checkpoint (for open_clip weights use --pretrained)")
+        raise CheckpointError(f"{path}: not a safeclip checkpoint; for open_clip weights (e.g. open_clip_train's "
+                              f"epoch_N.pt) pass --model ARCH --pretrained {path}")
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer safeclip ({payload.get('safeclip_version')}); "
                               f"upgrade to read it")
@@ -144,3 +147,59 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     load_state(model, payload, path)
     model.to(map_location)
     return model, make_tokenizer(config), image_size_of(config), config, payload["training_state"]
+
+
+# ---- any model a user has ----------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    """A model ready to score with, and where it came from (for manifests and tables)."""
+
+    model: torch.nn.Module
+    tokenizer: Callable[..., torch.Tensor]
+    image_size: int
+    config: dict
+    path: str            # the weights file, absolute
+    weights: str         # "safeclip" (a safeclip checkpoint) or "open_clip" (--model + --pretrained)
+
+    def describe(self) -> dict:
+        return {"checkpoint": self.path, "weights": self.weights, "model": self.config.get("name")}
+
+
+def open_clip_train_model(pretrained: str | os.PathLike) -> str | None:
+    """The --model an open_clip_train run used, from its `params.txt` (the run folder holds
+    checkpoints/epoch_N.pt and params.txt); None when the file is not in such a folder."""
+    params = Path(pretrained).resolve().parent.parent / "params.txt"
+    if Path(pretrained).resolve().parent.name != "checkpoints" or not params.is_file():
+        return None
+    for line in params.read_text(errors="replace").splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == "model" and value.strip():
+            return value.strip()
+    return None
+
+
+def load_model(checkpoint: str | os.PathLike | None = None, *, model: str | None = None,
+               pretrained: str | os.PathLike | None = None, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """The model to score with: a safeclip checkpoint (`checkpoint`), or an open_clip architecture
+    (`model`: a name such as ViT-B-32, a shipped config or a config JSON) with local open_clip
+    weights (`pretrained`: e.g. open_clip_train's epoch_N.pt, a dict with `state_dict`, keys
+    possibly prefixed `module.`). Without `model`, an open_clip_train checkpoint's run folder
+    names it (params.txt). Nothing is downloaded."""
+    if (checkpoint is None) == (pretrained is None):
+        raise ValueError("give a safeclip checkpoint, or --model ARCH with --pretrained WEIGHTS (one of the two)")
+    if checkpoint is not None:
+        if model is not None:
+            raise ValueError("--model is for --pretrained weights; a safeclip checkpoint carries its own model")
+        net, tokenizer, image_size, config, _state = load_checkpoint(checkpoint, map_location)
+        return LoadedModel(net, tokenizer, image_size, config, os.path.abspath(checkpoint), "safeclip")
+    if not os.path.isfile(pretrained):
+        raise CheckpointError(f"{pretrained}: weights file not found (weights are never downloaded)")
+    if model is None:
+        model = open_clip_train_model(pretrained)
+        if model is None:
+            raise ValueError(f"{pretrained}: which architecture are these weights for? pass --model "
+                             f"(an open_clip name such as ViT-B-32, or a model config .json)")
+    net, tokenizer, image_size, config = create_model(model, str(pretrained))
+    net.to(map_location)
+    return LoadedModel(net, tokenizer, image_size, config, os.path.abspath(pretrained), "open_clip")

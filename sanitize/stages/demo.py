@@ -7,7 +7,6 @@ folder. The summary's numbers are measured on this run, never assumed.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,26 +15,7 @@ from typing import Callable
 
 from ..io.artifacts import Run
 from ..io.fashion_mnist import sample_path
-
-
-@dataclass
-class DemoConfig:
-    out: str = "safeclip-demo"
-    seed: int = 0
-    badnet_count: int = 50          # 1% of the 5,000 sample pairs
-    badnet_target: str = "trouser"
-    targets: int = 4                # targeted poisoning: images from the sample's test set ...
-    copies: int = 25                # ... each added this many times with a wrong class's captions
-    unimodal_epochs: int = 1
-    clip_epochs: int = 2
-    # The paper's 0.01 x lr assumes CC3M's ~20k steps an epoch; the sample has ~20, at which
-    # 0.01 barely aligns the towers (docs/performance.md). Short full-rate CLIP warm-up aligns
-    # them, still far too little to learn 25 copies of a poison (docs/performance.md).
-    clip_lr_scale: float = 1.0
-    batch_size: int = 256
-    lr: float = 1e-3
-    schedule: str = "safeclip"
-    workers: int = 2
+from .config import DemoConfig
 
 
 @dataclass
@@ -48,6 +28,24 @@ class DemoSummary:
     report: Path
     first_poison_rank: int | None    # rank (0 = most clean) of the cleanest-looking poison
     seconds: dict = field(default_factory=dict)
+    schedule: str = ""
+    poisons: int = 0                 # injected poisons (noise not counted)
+    poisons_in_safe: int = 0
+    separation: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def safe(self) -> int:
+        return self.pairs - self.risky
+
+    @property
+    def safe_share(self) -> float:
+        return self.safe / self.pairs if self.pairs else 0.0
+
+    @property
+    def poison_free_share(self) -> float | None:
+        """The largest safe share that holds no poison on this ranking."""
+        return None if self.first_poison_rank is None else self.first_poison_rank / self.pairs
 
 
 Stage = Callable[[str], None]
@@ -69,12 +67,15 @@ def _inject(sample: Path, out: Path, config: DemoConfig) -> Path:
     return poisoned
 
 
-def _summary(out: Path, part: Path, report: Path, seconds: dict) -> DemoSummary:
+def _summary(out: Path, part: Path, report: Path, seconds: dict, schedule: str) -> DemoSummary:
     """What the split holds, read back from its files (detection metrics and the most risky pairs)."""
     from ..evaluation.evaluate import split_detection
+    from ..io.artifacts import Split
     from .query import connect
 
     detection = split_detection(part)
+    manifest = Split(part).manifest()
+    everything = [row for row in detection["rows"] if row["kind"] == "poison"]
     recall = [{"attack": row["name"], "poisons": row["total"], "risky": row["in_risky"], "recall": row["recall"]}
               for row in detection["rows"] if row["name"] != "all poisons"]
     con = connect(part)
@@ -84,7 +85,9 @@ def _summary(out: Path, part: Path, report: Path, seconds: dict) -> DemoSummary:
     con.close()
     return DemoSummary(out=out, pairs=detection["n"], risky=detection["risky"], recall=recall,
                        most_risky=most_risky, report=report, first_poison_rank=detection["first_poison_rank"],
-                       seconds=seconds)
+                       seconds=seconds, schedule=schedule, poisons=detection["poisons"],
+                       poisons_in_safe=everything[-1]["in_safe"] if everything else 0,
+                       separation=manifest.separation, warnings=list(manifest.warnings))
 
 
 def run_demo(config: DemoConfig, on_stage: Stage = lambda name: None, force: bool = False) -> DemoSummary:
@@ -117,9 +120,9 @@ def run_demo(config: DemoConfig, on_stage: Stage = lambda name: None, force: boo
 
     poisoned = timed("poison", lambda: _inject(sample_path(), out, config))
     checkpoint, emb, part, report = out / Run.WARMUP, out / "embeddings", out / "split", out / "report.html"
-    threads = max(1, (os.cpu_count() or 1) - 1)  # one core for the decoding worker, as the CLI does
-    timed("warmup", lambda: run_warmup(str(poisoned), checkpoint, warmup_config, threads=threads))
+    # 0: the thread policy (one core left to the decoding worker); the result depends on the thread count
+    timed("warmup", lambda: run_warmup(str(poisoned), checkpoint, warmup_config, threads=config.threads or 0))
     timed("embed", lambda: run_embed(str(poisoned), checkpoint, emb, EmbedConfig(workers=config.workers)))
     timed("split", lambda: split(emb, part, config.schedule, epoch=0, seed=config.seed))
     timed("report", lambda: report.write_text(build_report(part)[0], encoding="utf-8"))
-    return _summary(out, part, report, seconds)
+    return _summary(out, part, report, seconds, config.schedule)

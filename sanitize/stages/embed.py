@@ -282,23 +282,30 @@ class EmbedRun:
     manifest: EmbedManifest | None
 
 
-def run_embed(src: str, checkpoint: str | os.PathLike, out: str | os.PathLike, config: EmbedConfig, *,
+def run_embed(src: str, checkpoint: str | os.PathLike | None, out: str | os.PathLike, config: EmbedConfig, *,
+              model: str | None = None, pretrained: str | os.PathLike | None = None,
               source_format: str | None = None, csv_options: CsvOptions | None = None,
               on_batch: Callable[[int], None] | None = None, force: bool = False) -> EmbedRun:
-    """The `safeclip embed` stage: every pair of `src` embedded with a checkpoint into `out`,
-    one share of the shards per process under torchrun; rank 0 writes embed.json last.
-    A folder made with another checkpoint, source or options is refused (`force` clears it)."""
-    from ..models.checkpoint import load_checkpoint
-    from ..train.augment import eval_transform, train_transform
+    """The `safeclip embed` stage: every pair of `src` embedded into `out` with a safeclip
+    checkpoint, or with `model` + local open_clip weights `pretrained` (checkpoint None; see
+    `models.checkpoint.load_model`), one share of the shards per process under torchrun;
+    rank 0 writes embed.json last. A folder made with other weights, another source or other
+    options is refused (`force` clears it)."""
+    from ..models.checkpoint import load_model
+    from ..train.augment import eval_transform
+    from ..train.views import SeededView
 
     config.validate()
     distributed.resolve_device(config.device)  # no CUDA, or a bogus name: one line before any work
     source = open_pairs(src, format=source_format, csv_options=csv_options, duplicate_keys=config.duplicate_keys)
-    model, tokenizer, image_size, _config, _state = load_checkpoint(str(checkpoint))
+    loaded = load_model(checkpoint, model=model, pretrained=pretrained)
+    model, tokenizer, image_size = loaded.model, loaded.tokenizer, loaded.image_size
+    checkpoint = loaded.path
+    origin = {} if loaded.weights == "safeclip" else {"model": loaded.config.get("name"), "weights": "open_clip"}
     with distributed.session(config.device) as ctx:
         device = distributed.resolve_device(config.device, ctx)
         folder = Embeddings(out)
-        identity = embed_identity(checkpoint, source, config, csv_options) if ctx.is_main else None
+        identity = {**embed_identity(checkpoint, source, config, csv_options), **origin} if ctx.is_main else None
         state, error = None, None
         if ctx.is_main:
             try:
@@ -308,13 +315,11 @@ def run_embed(src: str, checkpoint: str | os.PathLike, out: str | os.PathLike, c
         state, error = distributed.broadcast_object(ctx, (state, error))
         if error is not None:
             raise error
-        if config.augment:
-            torch.manual_seed(config.seed + ctx.rank)
-            transform = train_transform(image_size)
-        else:
-            transform = eval_transform(image_size)
+        workers = distributed.default_workers() if config.workers is None else config.workers
+        distributed.use_threads(config.threads, workers)
+        transform = SeededView(image_size, config.seed + ctx.rank) if config.augment else eval_transform(image_size)
         result = embed_source(source, model, tokenizer, transform, out, batch_size=config.batch_size,
-                              dtype=config.dtype, num_workers=config.workers, device=str(device), rank=ctx.rank,
+                              dtype=config.dtype, num_workers=workers, device=str(device), rank=ctx.rank,
                               world_size=ctx.world_size, on_batch=on_batch)
         distributed.barrier(ctx)
         manifest = None
@@ -324,6 +329,6 @@ def run_embed(src: str, checkpoint: str | os.PathLike, out: str | os.PathLike, c
             manifest = write_manifest(out, checkpoint=str(checkpoint), source=source, dtype=config.dtype,
                                       augment=config.augment, seconds=result.seconds, world_size=ctx.world_size,
                                       extra={"pairs_per_second_rank0": round(result.pairs_per_second, 1),
-                                             "skips_rank0": result.skips.as_dict()},
+                                             "skips_rank0": result.skips.as_dict(), **origin},
                                       duplicate_keys=config.duplicate_keys, identity=identity)
         return EmbedRun(result, ctx.rank, ctx.world_size, manifest)

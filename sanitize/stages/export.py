@@ -4,8 +4,8 @@ The partition files hold keys, not images; the images come from the source that
 was embedded (recorded in `embed.json`, found through `split.json`). A pair is
 selected by its identity, (input shard, key): a key that occurs more than once in
 the split is taken only from the shard whose partition file lists it, so a risky
-copy of a key can never be exported as a safe one. The output is img2dataset's layout (see `shards.py`),
-so open_clip's trainer reads it with `--dataset-type webdataset` and `sizes.json`.
+copy of a key can never be exported as a safe one. The output is img2dataset's layout (see
+`shards.py`), so open_clip's trainer reads it with `--dataset-type webdataset` and `sizes.json`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from ..io.artifacts import PARTITIONS, Split, embedding_file_name, repeated_keys
 from ..io.pairs import PairSource, open_pairs
 from ..io.shards import ShardWriter, atomic_write_json
 
+# open_clip's webdataset loader breaks on newer webdataset (open_clip issue #935: an end-of-shard
+# `{}` sample, KeyError 'fname'); open_clip's own training extra pins this.
+OPEN_CLIP_WEBDATASET_MAX = (0, 2, 86)
 
 def export_partition(part_dir: str | os.PathLike, partition: str, out_dir: str | os.PathLike, *,
                      source: PairSource | None = None, samples_per_shard: int = 10000,
@@ -62,8 +65,31 @@ def export_partition(part_dir: str | os.PathLike, partition: str, out_dir: str |
                      + [f"{stem}:{key}" for stem, key in by_shard if (stem, key) not in found])
     keys = by_key | by_shard
     stats = {"partition": partition, "split": os.path.abspath(part_dir), "source": source.root,
-             "written": writer.written, "partition_size": len(keys), "missing_from_source": len(missing),
+             "written": writer.written, "shards": -(-writer.written // samples_per_shard),
+             "partition_size": len(keys), "missing_from_source": len(missing),
              "missing_examples": missing[:10], "source_skips": source.skips.as_dict()}
     atomic_write_json(Path(out_dir) / "export_stats.json", stats)
     return stats
 
+
+def open_clip_command(out_dir: str | os.PathLike, shards: int) -> str:
+    """The open_clip_train command line that trains on an export (sizes.json gives the size)."""
+    last = max(shards - 1, 0)
+    data = f"{out_dir}/{{00000..{last:05d}}}.tar" if shards > 1 else f"{out_dir}/00000.tar"
+    return (f"python -m open_clip_train.main --train-data '{data}' --dataset-type webdataset "
+            f"--model ViT-B-32")
+
+
+def open_clip_trainer_problem() -> str | None:
+    """Why `python -m open_clip_train.main` would fail on an export here, or None."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("webdataset")
+    except metadata.PackageNotFoundError:
+        return "open_clip's trainer needs its training extra: pip install 'safeclip[train]'"
+    parts = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+    if parts > OPEN_CLIP_WEBDATASET_MAX:
+        return (f"webdataset {version} breaks open_clip's trainer on its first batch (open_clip issue #935); "
+                f"pip install 'safeclip[train]' installs the version it supports (<= 0.2.86)")
+    return None

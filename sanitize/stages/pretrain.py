@@ -45,6 +45,7 @@ from ..train.distributed import Dist, barrier, broadcast_object, gather_object
 from ..train.engine import LOSSES, EpochStats, Precision, Steps, interleave, interleave_plan, run_epoch, tagged
 from ..train.optim import lr_at
 from ..train.state import Progress, TrainState, read_progress
+from ..train.views import BatchViews
 from .config import PretrainConfig
 from .scoring import score_pass, scores_from_training
 
@@ -107,8 +108,7 @@ def run_pretrain(src: str, run: str | os.PathLike, config: PretrainConfig, *, re
     `stop_after_epoch` ends the run after that overall epoch and `max_steps_per_epoch`
     cuts each phase-3 epoch short (benchmarks: time a fraction of an epoch)."""
     started = time.perf_counter()
-    if threads:
-        torch.set_num_threads(threads)
+    distributed.use_threads(threads, config.warmup.num_workers)
     session = open_session(src, Run(run), config, resume=resume, ctx=ctx or Dist(), device=device,
                            source_format=source_format, hooks=hooks or Hooks(), warmup_from=warmup_from)
     for epoch in range(session.first_epoch, session.config.epochs):
@@ -287,7 +287,7 @@ def _batches(session: Session, source: PairSource, plain: bool, shard_counts: li
     return PairBatches(source, session.state.tokenizer, session.state.image_size, w.batch_size, seed=w.seed,
                        views=not plain, plain=plain, shuffle_buffer=w.shuffle_buffer, eda=EDA(alpha=w.eda_alpha),
                        crop_scale=w.crop_scale, rank=session.ctx.rank, world_size=session.ctx.world_size,
-                       shard_counts=shard_counts)
+                       shard_counts=shard_counts, views_here=session.state.device.type == "cpu")
 
 
 def use_split(session: Session, request: SplitRequest, epoch: int, record: dict, seconds: dict) -> Split:
@@ -322,7 +322,7 @@ def use_split(session: Session, request: SplitRequest, epoch: int, record: dict,
     seconds["split"] = round(time.perf_counter() - t, 3)
     record.update({"safe_ratio": manifest.counts["safe_share"], "ratio": manifest.ratio,
                    "n_safe": manifest.counts["safe"], "n_risky": manifest.counts["risky"],
-                   "mixture": manifest.mixture, "split": str(run.split(epoch).root)})
+                   "mixture": manifest.mixture, "separation": manifest.separation, "split": str(run.split(epoch).root)})
     if manifest.warnings:
         record["split_warnings"] = manifest.warnings
     return run.split(epoch)
@@ -375,7 +375,8 @@ def train_epoch(session: Session, epoch: int, max_steps: int | None = None) -> d
     session.kept = {} if following is not None and following.from_training else None
     w = config.warmup
     steps = Steps(session.net, session.state.device, w.temperature, session.state.banks, ctx=ctx,
-                  local_loss=config.local_loss, zero_scale_grad=True, keep=session.kept)
+                  local_loss=config.local_loss, zero_scale_grad=True, keep=session.kept,
+                  views=BatchViews(session.state.image_size))
     stats = EpochStats()
     first_step = k * session.steps_per_epoch
     taken = run_epoch(session.state.model, interleave(batches, plan), session.state.optimizer, steps, session.lr,

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..defenses.gmm import clean_log_odds, fit_mixture, posterior_from_log_odds
+from ..defenses.gmm import clean_log_odds, fit_mixture, posterior_from_log_odds, separation, split_warnings
 from ..defenses.schedule import Schedule, parse_schedule, plan_split
 from ..io.artifacts import PARTITIONS, Embeddings, Split, SplitManifest, check_unique_keys
 from ..io.shards import remove_stale_temps, temp_path, write_error
@@ -377,6 +377,8 @@ def _manifest(emb: str | os.PathLike, files: list[EmbFile], schedule: Schedule, 
     n, n_safe = r.similarity.size, r.n_safe
     if n_safe == 0 and n:
         warnings.append("no pair is safe (none reached the schedule's cut); is the model warmed up?")
+    quality = separation(r.mixture)
+    warnings.extend(split_warnings(quality, n_safe / n if n_safe else None))
     below_at = r.mixture.monotone_below
     if below_at is not None and np.any(r.similarity[r.finite] < below_at):
         below = int(np.count_nonzero(r.similarity[r.finite] < below_at))
@@ -390,7 +392,7 @@ def _manifest(emb: str | os.PathLike, files: list[EmbFile], schedule: Schedule, 
         similarity_cutoff=float(r.similarity[r.safe_rows].min()) if n_safe else None,
         counts={"total": n, "safe": n_safe, "risky": n - n_safe, "no_similarity": int(n - r.finite.sum()),
                 "safe_share": n_safe / n if n else 0.0},
-        mixture=r.mixture.as_dict(), fit_sample=r.fit_sample, seed=seed, ranking=ranking,
+        mixture=r.mixture.as_dict(), separation=quality, fit_sample=r.fit_sample, seed=seed, ranking=ranking,
         emb=os.path.abspath(emb), source=info.get("source"), source_format=info.get("source_format"),
         checkpoint=info.get("checkpoint"), duplicate_keys=info.get("duplicate_keys") or "error",
         input_files=[{"name": os.path.basename(f.path), "rows": f.rows} for f in files],

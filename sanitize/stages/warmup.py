@@ -34,6 +34,7 @@ from ..train.batches import PairBatches, make_loader
 from ..train.engine import EpochStats, Precision, StepCallback, Steps, run_epoch, skip_batches, tagged
 from ..train.optim import lr_at
 from ..train.state import Progress, TrainState, read_progress
+from ..train.views import BatchViews
 from .config import WarmupConfig
 
 PHASES = ("unimodal", "clip")
@@ -155,17 +156,14 @@ def run_warmup(src: str, out: str | os.PathLike, config: WarmupConfig, *, resume
     doc); `max_steps` stops early with a checkpoint that `resume=True` continues."""
     out = Path(out)
     metrics_path, stats_path = side_paths(out)
-    if threads:
-        # On a shared CPU box, intra-op threads beyond the free cores spin and wait:
-        # 2 threads on 2 busy cores measured 4-6x slower per step than 1.
-        torch.set_num_threads(threads)
+    distributed.use_threads(threads, config.num_workers)
     dev = distributed.resolve_device(device)
     config, position, state, saved_shape = _open_state(out, config, resume, dev)
     precision = Precision.choose(config.precision, dev)
     source = open_pairs(src, format=source_format, csv_options=csv_options)
     data = PairBatches(source, state.tokenizer, state.image_size, config.batch_size, seed=config.seed, views=True,
                        plain=True, shuffle_buffer=config.shuffle_buffer, eda=EDA(alpha=config.eda_alpha),
-                       crop_scale=config.crop_scale)
+                       crop_scale=config.crop_scale, views_here=dev.type == "cpu")
     if data.pairs_per_epoch() < 2:
         raise ValueError(f"{src}: need at least 2 pairs to train, found {data.pairs_per_epoch()}")
     shape = {"shards": len(source.shards), "pairs": data.pairs_per_epoch()}
@@ -173,7 +171,7 @@ def run_warmup(src: str, out: str | os.PathLike, config: WarmupConfig, *, resume
         raise ValueError(f"{src}: has {shape['pairs']} pairs in {shape['shards']} shards, but the checkpoint was "
                          f"trained on {saved_shape['pairs']} in {saved_shape['shards']}; resume needs the same data")
     phase_steps, schedules = phase_schedules(config, data)
-    steps = Steps(state.model, dev, config.temperature, state.banks)
+    steps = Steps(state.model, dev, config.temperature, state.banks, views=BatchViews(state.image_size))
 
     def checkpoint() -> None:
         state.save(out, Progress("warmup", config.to_dict(), dataclasses.asdict(position), str(src), shape))

@@ -1,7 +1,7 @@
-"""Augmentations for SafeCLIP's contrastive losses.
+"""Augmentations for SafeCLIP's contrastive losses, and the eval transform.
 
 Images: SimCLR-style views as in SafeCLIP (random resized crop, flip, colour
-jitter p=0.8, grayscale p=0.2, Gaussian blur), sized to the model's input.
+jitter p=0.8, grayscale p=0.2, Gaussian blur), made on whole batches in views.py.
 Text: EDA (Wei & Zou 2019) — synonym replacement, random insertion, random
 swap, random deletion; alpha 0.1, one operation per view. Synonyms come from
 WordNet when its database files are on disk (Debian's `wordnet-base`); without
@@ -23,14 +23,6 @@ from typing import Callable, Sequence
 
 import torch
 from PIL import Image
-from torchvision import transforms as T
-
-# open_clip's defaults (OpenAI CLIP's normalisation), so eval and train agree.
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -38,41 +30,6 @@ def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     import open_clip
 
     return open_clip.image_transform(image_size, is_train=False)
-
-
-def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.5, 1.0)
-                    ) -> Callable[[Image.Image], torch.Tensor]:
-    """One SimCLR-style view. Crop scale defaults to (0.5, 1): at 28–32 px the usual
-    (0.08, 1) leaves a few pixels of garment, too little to learn from in a short
-    warm-up. The blur kernel is ~10% of the image side, as in SimCLR."""
-    kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
-    return T.Compose([
-        _to_rgb,
-        T.RandomResizedCrop(image_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.5, 0.5, 0.5, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
-        T.ToTensor(),
-        T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
-    ])
-
-
-class ImageViews:
-    """Two augmented views of an image, reproducible from a seed.
-
-    torchvision draws from torch's global generator; we fork it around each call
-    so seeding a sample never disturbs the training loop's own random state."""
-
-    def __init__(self, image_size: int, crop_scale: tuple[float, float] = (0.5, 1.0)):
-        self.transform = train_transform(image_size, crop_scale)
-
-    def __call__(self, image: Image.Image, seed: int, n: int = 2) -> list[torch.Tensor]:
-        with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed would also queue CUDA seeding
-            # (with a stack trace per call), several ms per sample.
-            torch.default_generator.manual_seed(seed)
-            return [self.transform(image) for _ in range(n)]
 
 
 # ---- WordNet, read straight from its database files --------------------------------

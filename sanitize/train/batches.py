@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .augment import EDA, ImageViews, eval_transform
+from .augment import EDA, eval_transform
+from .views import BatchViews, base_image, draw_view_params
 from ..io.pairs import PairSource, Skips
 
 
@@ -29,16 +30,18 @@ def sample_seed(seed: int, epoch: int, shard: int, position: int) -> int:
 
 
 class PairBatches(IterableDataset):
-    """Yields dict batches: `key` (list of str) and, with `views`, two augmented
-    image views `image1`/`image2` and two EDA views' tokens `text1`/`text2`; with
-    `plain`, the eval-transformed `image` and the caption's tokens `text`.
-    Also `skips`: per-reason counts of pairs skipped since the previous batch."""
+    """Yields dict batches: `key` (list of str) and, with `views`, two EDA views' tokens
+    `text1`/`text2` and the image views — either made here (`views_here`: `image1`/`image2`)
+    or left to the trainer's device (`image_u8`, the decoded squares, and `view_params`,
+    each image's drawn view parameters; see train/views.py); with `plain`, the
+    eval-transformed `image` and the caption's tokens `text`. Also `skips`: per-reason
+    counts of pairs skipped since the previous batch."""
 
     def __init__(self, source: PairSource, tokenizer: Callable[..., torch.Tensor], image_size: int,
                  batch_size: int, *, seed: int = 0, views: bool = True, plain: bool = False,
                  shuffle: bool = True, shuffle_buffer: int = 2000, eda: EDA | None = None,
                  crop_scale: tuple[float, float] = (0.5, 1.0), rank: int = 0, world_size: int = 1,
-                 shard_counts: list[int] | None = None):
+                 shard_counts: list[int] | None = None, views_here: bool = False):
         if batch_size < 1:
             raise ValueError("batch size must be >= 1")
         if not (views or plain):
@@ -54,7 +57,10 @@ class PairBatches(IterableDataset):
         # Both kinds of transform always exist so a trainer can switch `views` /
         # `plain` between epochs (e.g. unimodal warm-up, then plain CLIP).
         self.eda = eda or EDA()
-        self.image_views = ImageViews(image_size, crop_scale)
+        self.image_size, self.crop_scale = image_size, crop_scale
+        # On a CPU the data workers run beside the trainer, so they make the views; on a
+        # GPU the trainer does, where it is cheap (the decision: views_here, by the caller).
+        self.batch_views = BatchViews(image_size) if views_here else None
         self.eval = eval_transform(image_size)
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -122,10 +128,14 @@ class PairBatches(IterableDataset):
     def _collate(self, items: list[tuple[int, object]], skips: Counter) -> dict:
         batch: dict = {"key": [pair.key for _, pair in items], "skips": dict(skips)}
         if self.views:
-            image_views = [self.image_views(pair.image, seed) for seed, pair in items]
+            images = torch.from_numpy(np.stack([base_image(pair.image, self.image_size) for _, pair in items]))
+            params = torch.from_numpy(np.stack([draw_view_params(seed, self.image_size, self.crop_scale)
+                                                for seed, _ in items]))
+            if self.batch_views is not None:
+                batch["image1"], batch["image2"] = self.batch_views(images, params)
+            else:
+                batch["image_u8"], batch["view_params"] = images, params
             text_views = [self.eda.views(pair.caption, seed) for seed, pair in items]
-            batch["image1"] = torch.stack([v[0] for v in image_views])
-            batch["image2"] = torch.stack([v[1] for v in image_views])
             batch["text1"] = self.tokenizer([t[0] for t in text_views])
             batch["text2"] = self.tokenizer([t[1] for t in text_views])
         if self.plain:

@@ -83,6 +83,39 @@ def resolve_device(device: str, ctx: Dist | None = None) -> torch.device:
     return parsed
 
 
+# ---- CPU threads and data workers: one policy for every command that computes ----------------
+
+def cores_per_process() -> int:
+    """This machine's cores shared by the processes torchrun started on it."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def default_workers() -> int:
+    """Data workers when not given: half the cores (decoding runs beside the model), none on one core."""
+    return cores_per_process() // 2
+
+
+def default_threads(workers: int) -> int:
+    """torch threads when not given: $OMP_NUM_THREADS if set (several jobs sharing one
+    machine), else one per core the data workers leave free: threads + workers never
+    exceed the cores, which on a busy CPU costs 4-6x per step (docs/performance.md)."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, cores_per_process() - workers)
+
+
+def use_threads(threads: int | None, workers: int) -> int:
+    """Set torch's intra-op threads: `threads`, or with 0 `default_threads(workers)`; None
+    leaves them as they are (a stage run inside another, as pretrain's warm-up). Returns
+    the count in use."""
+    if threads is None:
+        return torch.get_num_threads()
+    threads = threads or default_threads(workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def barrier(ctx: Dist) -> None:
     if ctx.enabled:
         dist.barrier()

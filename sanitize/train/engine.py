@@ -23,6 +23,7 @@ import torch
 from .distributed import Dist
 from .losses import MAX_LOGIT_SCALE, MemoryBank, clamp_logit_scale_, clip_loss, cross_clip_loss, unimodal_loss
 from .optim import set_lr
+from .views import BatchViews
 
 LOSSES = ("clip", "unimodal")
 StepCallback = Callable[[int, dict[str, float], float], None]  # (pairs in batch, losses, lr)
@@ -61,14 +62,17 @@ class Steps:
 
     def __init__(self, net: torch.nn.Module, device: torch.device, temperature: float,
                  banks: dict[str, MemoryBank] | None, *, ctx: Dist | None = None, local_loss: bool = False,
-                 zero_scale_grad: bool = False, keep: dict | None = None):
+                 zero_scale_grad: bool = False, keep: dict | None = None, views: BatchViews | None = None):
         self.net, self.device, self.temperature, self.banks = net, device, temperature, banks or {}
         self.ctx, self.local_loss = ctx or Dist(), local_loss
-        self.zero_scale_grad, self.keep = zero_scale_grad, keep
+        self.zero_scale_grad, self.keep, self.views = zero_scale_grad, keep, views
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         n = len(batch["key"])
         plain = "image" in batch and batch["loss"] == "clip"
+        if not plain and "image_u8" in batch:  # the workers left the image views to this device
+            batch["image1"], batch["image2"] = self.views(batch["image_u8"].to(self.device, non_blocking=True),
+                                                          batch["view_params"].to(self.device, non_blocking=True))
         images = batch["image"] if plain else torch.cat([batch["image1"], batch["image2"]])
         texts = batch["text"] if plain else torch.cat([batch["text1"], batch["text2"]])
         out = self.net(images.to(self.device, non_blocking=True), texts.to(self.device, non_blocking=True))
