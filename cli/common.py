@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import re
 import sys
 import time
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -35,13 +38,61 @@ def done(message: str) -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn expected errors (bad input, bad config) into one-line messages."""
+    """Turn expected errors (bad input, bad config, a full disk) into one-line messages."""
     from sanitize.io.pairs import SourceError
 
     try:
         yield
-    except (SourceError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as exc:
-        fail(str(exc))
+    except (SourceError, ValueError) as exc:
+        fail(one_line_message(exc))
+    except OSError as exc:  # a full disk, a read-only folder, …: what failed and where, no traceback
+        from_system = exc.errno is not None or re.search(r"\[errno \d+\]", str(exc), re.IGNORECASE)
+        fail(os_error_message(exc) if from_system else one_line_message(exc))
+
+
+# errno -> what it means for the user; the rest get the system's own words.
+_OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this file system or the process's file size limit",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OSError, e.g. 'OUT/00003.parquet: no space left on the device; free
+    some space and rerun (finished files are kept, nothing half-written is: …)'."""
+    code = exc.errno
+    if code is None:  # pyarrow's IOError carries the errno in its text: "[errno 28] No space left …"
+        match = re.search(r"\[errno (\d+)\]", str(exc), re.IGNORECASE)
+        code = int(match.group(1)) if match else None
+    what = _OS_ERRORS.get(code) or exc.strerror or one_line_message(exc)
+    where = f"{_final_name(str(exc.filename))}: " if exc.filename else ""
+    hint = ""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        hint = "; free some space and rerun (finished files are kept, nothing half-written is: docs/reliability.md)"
+    elif code == errno.EFBIG:
+        hint = ("; write to a file system that takes larger files, or raise `ulimit -f`, and rerun (finished "
+                "files are kept, nothing half-written is: docs/reliability.md)")
+    return f"{where}{what}{hint}"
+
+
+def _final_name(path: str) -> str:
+    """The file a temporary name (.NAME.tmpPID, sanitize.io.shards.temp_path) stands for."""
+    folder, name = os.path.split(path)
+    match = re.fullmatch(r"\.(.+)\.tmp\d+", name)
+    return os.path.join(folder, match.group(1)) if match else path
+
+
+def one_line_message(exc: BaseException) -> str:
+    """An exception's message on one line. An error raised in a DataLoader worker arrives
+    wrapped in the worker's traceback: keep the original exception's own message."""
+    text = str(exc)
+    if "Traceback (most recent call last)" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+(Error|Exception): ", "", last.strip())
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def progress(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:

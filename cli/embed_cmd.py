@@ -36,6 +36,11 @@ def embed(
     seed: int = typer.Option(DEFAULTS.seed, help="Seed for --augment."),
     image_column: str = typer.Option("filepath", help="CSV: image path column."),
     caption_column: str = typer.Option("title", help="CSV: caption column."),
+    duplicate_keys: str = typer.Option(DEFAULTS.duplicate_keys, "--duplicate-keys",
+                                       help="A key that occurs twice in the source: error, or rename (its n-th "
+                                            "occurrence becomes KEY~n). See docs/reliability.md."),
+    force: bool = typer.Option(False, "--force", help="Delete what OUT holds and start over (needed when it was "
+                                                      "made with another checkpoint, source or options)."),
 ) -> None:
     """Embed every pair and score its image-caption similarity.
 
@@ -53,7 +58,7 @@ def embed(
     from sanitize.stages.embed import run_embed
 
     config = EmbedConfig(batch_size=batch_size, dtype=dtype, augment=augment, workers=workers, threads=threads,
-                         device=device, seed=seed)
+                         device=device, seed=seed, duplicate_keys=duplicate_keys)
     with user_errors():
         if checkpoint is not None and not checkpoint.exists():
             fail(f"{checkpoint}: no such checkpoint")
@@ -65,7 +70,7 @@ def embed(
         main_rank = int(os.environ.get("RANK", "0")) == 0
         with progress_counter(total // world if total else None, "embed", enabled=main_rank) as advance:
             run = run_embed(source, checkpoint, out, config, model=model, pretrained=pretrained,
-                            source_format=format, csv_options=csv_options, on_batch=advance)
+                            source_format=format, csv_options=csv_options, on_batch=advance, force=force)
     result = run.result
     if result.skips.total:
         warn(f"rank {run.rank}: {result.skips.summary()}")

@@ -160,18 +160,17 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the JSON result to this file."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the linear probe."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for the linear probe."),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads; 0 = $OMP_NUM_THREADS if set, "
                                                             "else every core."),
     max_iter: int = typer.Option(1000, "--max-iter", min=1, help="Linear probe: logistic regression iterations."),
 ) -> None:
     """Evaluate a checkpoint (see HELP)."""
-    import torch
-
     from sanitize.evaluation.evaluate import EvalConfig, evaluate
     from sanitize.io.artifacts import find_poison_manifest
     from sanitize.io.shards import atomic_write_json
     from sanitize.evaluation.templates import load_classes, load_templates
+    from sanitize.train.distributed import resolve_device
 
     with user_errors():
         if out is not None and (out.is_dir() or not out.parent.is_dir()):
@@ -187,8 +186,7 @@ def eval_cmd(
         manifest_file = find_poison_manifest(poison_dir, manifest) if (poison_dir or manifest) else None
         if truth is not None and split is None:
             fail("--truth is for --split; give --split PART too")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(resolve_device(device))  # no CUDA, or a bogus name: one line before any work
         config = EvalConfig(checkpoint=str(checkpoint) if checkpoint else None, test=test,
                             classes=list(class_set.names) if class_set else [],
                             model=model, pretrained=str(pretrained) if pretrained else None,

@@ -22,7 +22,7 @@ def inspect(
     caption_column: str = typer.Option("title", help="CSV/TSV: caption column."),
     separator: Optional[str] = typer.Option(None, help="CSV/TSV: separator (default: tab, or ',' for a "
                                                        ".csv whose header has no tab)."),
-    show: int = typer.Option(3, help="How many pairs to print."),
+    show: int = typer.Option(3, min=0, help="How many pairs to print."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead."),
 ) -> None:
     """Show what safeclip reads from a source.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import typer
 
 from .common import done, fail, out_console, user_errors, warn
 
-FORMATS = ("table", "csv", "json", "parquet")
 HELP = "\n\n".join([
     "Run one read-only DuckDB SQL statement over a split.",
     "Views: pairs (safe and risky), safe, risky; meta (img2dataset sidecars) and truth (the poison manifest) "
@@ -59,72 +57,47 @@ def query(
     format: str = typer.Option(None, "--format", "-f", help="table, csv, json or parquet (default: from "
                                                             "--out's extension, else table)."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the result here instead of the terminal."),
-    limit: int = typer.Option(50, "--limit", help="Rows shown in table format (the count is always exact)."),
+    limit: int = typer.Option(50, "--limit", min=0, help="Rows shown in table format (the count is always exact)."),
     meta: str = typer.Option(None, "--meta", help="img2dataset sidecar Parquet: a folder, file or glob."),
     truth: str = typer.Option(None, "--truth", help="Poison manifest Parquet from `safeclip poison`."),
 ) -> None:
     """Run DuckDB SQL over a split, read-only (help text: HELP)."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
+    from sanitize.io.shards import atomic_file
+    from sanitize.stages.query import QueryError, connect, fetch, one_line, result_format, run_query, write_result
 
-    from sanitize.stages.query import QueryError, connect, fetch, one_line, run_query
-
-    fmt = format or (out.suffix.lstrip(".").lower() if out and out.suffix.lstrip(".").lower() in FORMATS
-                     else "table")
-    if fmt not in FORMATS:
-        fail(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "parquet" and out is None:
-        fail("--format parquet needs --out FILE")
     with user_errors():
+        fmt = result_format(format, out)
         con = connect(part, meta=meta, truth=truth)
     try:
-        reader = fetch(run_query(con, sql))
-        if fmt == "table":
-            from rich.console import Console
+        with user_errors():
+            reader = fetch(run_query(con, sql))
+            if fmt == "table":
+                from rich.console import Console
 
-            rows, table, needed = _table(reader, limit)
-            if out is None:
-                # Too narrow a terminal: let lines wrap rather than squeeze columns to nothing.
-                console = out_console if needed <= out_console.width else Console(width=needed)
-                console.print(table)
-            else:
-                with open(out, "w") as f:
-                    Console(file=f, width=max(needed, 100)).print(table)
-            if rows > limit:
-                warn(f"showing {limit} of {rows:,} rows; use --limit, or --format csv/parquet --out FILE")
-        elif fmt == "parquet":
-            with pq.ParquetWriter(out, reader.schema) as writer:
-                rows = 0
-                for batch in reader:
-                    writer.write_batch(batch)
-                    rows += batch.num_rows
-        elif fmt == "csv":
-            sink = open(out, "wb") if out else io.BytesIO()
-            with pacsv.CSVWriter(sink, reader.schema) as writer:
-                rows = 0
-                for batch in reader:
-                    writer.write_batch(batch)
-                    rows += batch.num_rows
-            if out is None:
+                if out is None:
+                    rows, table, needed = _table(reader, limit)
+                    # Too narrow a terminal: let lines wrap rather than squeeze columns to nothing.
+                    console = out_console if needed <= out_console.width else Console(width=needed)
+                    console.print(table)
+                else:
+                    with atomic_file(out, "w") as f:
+                        rows, table, needed = _table(reader, limit)
+                        Console(file=f, width=max(needed, 100)).print(table)
+                if rows > limit:
+                    warn(f"showing {limit} of {rows:,} rows; use --limit, or --format csv/parquet --out FILE")
+            elif out is None:
+                sink = io.BytesIO()
+                rows = write_result(reader, fmt, sink)
                 sys.stdout.write(sink.getvalue().decode())
             else:
-                sink.close()
-        else:
-            records = [r for batch in reader for r in batch.to_pylist()]
-            rows = len(records)
-            text = json.dumps(records, indent=1, default=str, ensure_ascii=False) + "\n"
-            if out is None:
-                sys.stdout.write(text)
-            else:
-                out.write_text(text)
+                rows = write_result(reader, fmt, out)  # atomically: whole, or no file
     except QueryError as exc:
         fail(str(exc))
-    except (pa.ArrowException, OSError) as exc:
-        fail(one_line(exc))
-    except Exception as exc:  # DuckDB errors raised while streaming the result
+    except Exception as exc:  # DuckDB and Arrow errors raised while streaming the result
         import duckdb
-        if isinstance(exc, duckdb.Error):
+        import pyarrow as pa
+
+        if isinstance(exc, (duckdb.Error, pa.ArrowException)):
             fail(one_line(exc))
         raise
     if out is not None:

@@ -33,6 +33,17 @@ def mixture_similarities(n: int, rng: np.random.Generator, clean_share: float = 
     return np.clip(sims, -0.99, 0.99).astype(np.float32)
 
 
+def write_embed_manifest(emb: Path, source: str | None = None, source_format: str = "webdataset") -> None:
+    """EMB/embed.json for the Parquet files already in `emb` (what a finished `safeclip embed` leaves)."""
+    files = sorted(p for p in emb.glob("*.parquet") if not p.name.startswith("."))
+    first = pq.ParquetFile(files[0]).schema_arrow if files else None
+    dim = first.field("image_emb").type.list_size if first is not None and "image_emb" in first.names else 0
+    info = {"checkpoint": "synthetic.pt", "source": source, "source_format": source_format, "dim": dim,
+            "dtype": "float16", "count": sum(pq.ParquetFile(f).metadata.num_rows for f in files),
+            "shards": [f.name for f in files]}
+    (emb / "embed.json").write_text(json.dumps(info))
+
+
 def write_emb(emb: Path, shards: dict[str, np.ndarray], dim: int = 8, dtype=np.float16,
               keys: dict[str, list[str]] | None = None, source: str | None = None,
               source_format: str = "webdataset", seed: int = 0, with_url: bool = True,

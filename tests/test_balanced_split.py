@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import sanitize.defenses.balance as balance
 from cli.main import app
-from emb_synth import mixture_similarities, write_emb
+from emb_synth import mixture_similarities, write_emb, write_embed_manifest
 from sanitize.defenses.balance import BalanceOptions, balanced_order, cluster_quotas, vectors_to_numpy
 from sanitize.defenses.schedule import round_count
 from sanitize.stages.split import split
@@ -53,6 +53,7 @@ def _clustered_emb(path, sizes=(900, 700), dim=16, seed=0, nan_rows=()):
             "similarity": pa.array(sims, pa.float32()),
         })
         pq.write_table(table, path / f"{index:05d}.parquet")
+    write_embed_manifest(path)
     return path, truth
 
 

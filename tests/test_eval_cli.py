@@ -76,6 +76,9 @@ def data(tmp_path_factory):
         pq.write_table(pa.table({"key": keys, "p_clean": [1.0 - r / len(order) for r in ranks],
                                  "rank": pa.array(ranks, pa.int64()), "partition": [name] * len(keys)}),
                        part / name / "00000.parquet")
+    # The manifest a finished split ends with (consumers refuse a split without it).
+    (part / "split.json").write_text(json.dumps({"counts": {"safe": 7, "risky": len(order) - 7},
+                                                 "input_files": [{"name": "00000.parquet", "rows": len(order)}]}))
     return {"root": root, "test": root / "test", "train": root / "train", "manifest": manifest, "part": part,
             "pairs": test, "targets": targets}
 

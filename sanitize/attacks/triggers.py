@@ -15,6 +15,7 @@ image's shorter side, so one spec works at any resolution.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -181,8 +182,8 @@ def badnet_spec(size: float = 3, position: str | tuple[float, float] = "bottom-r
     """A BadNet patch: `size` px square (at 28 px), `margin` px from the corner."""
     if pattern not in PATTERNS:
         raise ValueError(f"unknown patch pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
-    if size <= 0:
-        raise ValueError("patch size must be > 0")
+    if not 0 < size < math.inf:
+        raise ValueError("patch size must be > 0 (and finite)")
     if isinstance(position, str) and position not in CORNERS:
         raise ValueError(f"unknown position {position!r}; choose one of {', '.join(CORNERS)} or X,Y")
     return {"type": "badnet", "size": size, "position": position if isinstance(position, str) else list(position),
@@ -198,7 +199,7 @@ def blended_spec(alpha: float = 0.2, seed: int = 0, image: str | None = None) ->
 
 def wanet_spec(strength: float = 0.5, grid_size: int = 4, seed: int = 0) -> dict:
     """WaNet: warping strength s and control grid k (the paper's defaults: 0.5, 4)."""
-    if strength <= 0 or grid_size < 2:
+    if not 0 < strength < math.inf or grid_size < 2:
         raise ValueError("wanet needs strength > 0 and grid size >= 2")
     return {"type": "wanet", "strength": strength, "grid_size": grid_size, "seed": seed}
 

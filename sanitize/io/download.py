@@ -131,6 +131,8 @@ def resolve_options(url_list: str, options: DownloadOptions) -> DownloadOptions:
             raise SourceError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
     if options.image_size < 1 or options.processes < 1 or options.threads < 1 or options.samples_per_shard < 1:
         raise SourceError("--image-size, --processes, --threads and --samples-per-shard must be >= 1")
+    if options.timeout < 1 or options.retries < 0:
+        raise SourceError("--timeout must be >= 1 and --retries >= 0")
     files = ([url_list] if os.path.isfile(url_list)
              else sorted(glob.glob(os.path.join(glob.escape(url_list), "*." + fmt))))
     if not files:

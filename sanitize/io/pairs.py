@@ -6,6 +6,15 @@ unreadable image, an empty caption, …) are skipped and counted in
 `source.skips` with their reason, never dropped silently; problems with the
 source as a whole raise `SourceError` with a one-line message.
 
+Keys are the contract (docs/reliability.md): a pair is identified by its shard and
+its key, and keys are unique in a source. A tar member whose name is absolute or
+has a `..` component is skipped and counted, never used as a key. A key that occurs
+again is an error by default (`DuplicateKeyError`, naming it); with
+`duplicate_keys="rename"` its n-th occurrence in source order (shard order, then
+position) is read as `{key}~{n}`, the same on every read. Repeats inside one shard
+are caught as they are read; repeats across shards by `embed` and `split`, which see
+every key (or, with "rename", by a scan of the keys when the source is opened).
+
 Formats:
   webdataset  img2dataset's webdataset output: NNNNN.tar with {key}.jpg|png|webp,
               {key}.txt, {key}.json (a folder, a brace pattern, or .tar paths)
@@ -38,6 +47,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SHARD_STATS_SUFFIX = "_stats.json"
 SIZES_FILE = "sizes.json"
 FORMATS = ("webdataset", "parquet", "csv", "folder")
+DUPLICATE_KEYS = ("error", "rename")
 # PIL formats kept byte-for-byte; anything else (BMP, GIF, TIFF, …) is re-encoded as
 # PNG on read, because webdataset/open_clip consumers only look for jpg/png/webp.
 _KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # MPO: phone JPEGs
@@ -45,6 +55,10 @@ _KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # M
 
 class SourceError(Exception):
     """A source that cannot be read at all (missing, unknown format, missing column)."""
+
+
+class DuplicateKeyError(SourceError):
+    """A key that occurs twice in a source (with duplicate_keys="error")."""
 
 
 @dataclass
@@ -112,6 +126,19 @@ def safe_key(key: str) -> str:
     return re.sub(r"[.\s]", "_", key.strip("/")) or "_"
 
 
+def is_safe_key(key: str) -> bool:
+    """Whether a key can name files inside a tar and on disk without leaving the folder
+    they are extracted to: not absolute, no `..` component, no backslash, no control
+    characters. Readers skip pairs whose name fails this; writers refuse them."""
+    return (bool(key) and not key.startswith("/") and "\\" not in key and ".." not in key.split("/")
+            and not any(ord(c) < 32 for c in key))
+
+
+def duplicate_key_message(key: str, where: str) -> str:
+    return (f"{where}: key {key!r} occurs more than once in the source; keys must be unique "
+            f"(fix the source, or embed it with --duplicate-keys rename: see docs/reliability.md)")
+
+
 @dataclass
 class Shard:
     """One unit of reading (a tar, a parquet file, a CSV, a folder). Iterating it
@@ -126,6 +153,24 @@ class Shard:
 
     def pairs(self, skips: Skips) -> Iterator[Pair]:
         return self.read(self, skips)
+
+
+def _unique_keys(earlier: dict[str, int], rename: bool, inner: Callable, shard: Shard,
+                 skips: Skips) -> Iterator[Pair]:
+    """A shard reader that enforces the key rule: `earlier` counts the keys of this shard
+    that earlier shards also hold (from the key scan; empty without one). A repeat is an
+    error, or with `rename` its n-th occurrence is read as `{key}~{n}` (module level: pickles)."""
+    seen: dict[str, int] = {}
+    for pair in inner(shard, skips):
+        n = seen.get(pair.key, 0) + 1
+        seen[pair.key] = n
+        n += earlier.get(pair.key, 0)
+        if n > 1:
+            if not rename:
+                raise DuplicateKeyError(duplicate_key_message(pair.key, shard.name))
+            pair.meta = {**pair.meta, "original_key": pair.key}
+            pair.key = f"{pair.key}~{n}"
+        yield pair
 
 
 @dataclass
@@ -237,6 +282,7 @@ def _read_tar(shard: Shard, skips: Skips) -> Iterator[Pair]:
         return
     groups: dict[str, dict[str, bytes]] = {}  # the current group and incomplete ones
     emitted: set[str] = set()
+    unsafe: set[str] = set()
     key: str | None = None
     complete = False
     with tar:
@@ -248,6 +294,12 @@ def _read_tar(shard: Shard, skips: Skips) -> Iterator[Pair]:
                 if not match:
                     continue
                 name, ext = match.group(1), match.group(2).lower()
+                if not is_safe_key(name):
+                    if name not in unsafe:  # one count per pair, not per member
+                        unsafe.add(name)
+                        skips.add("unsafe member name (absolute or '..' path; pair skipped)",
+                                  f"{shard.name}:{member.name!r}")
+                    continue
                 if name != key:
                     if key in groups and _has_pair(groups[key]):
                         emitted.add(key)
@@ -282,6 +334,20 @@ def _read_tar(shard: Shard, skips: Skips) -> Iterator[Pair]:
         else:
             lost = shard.count_hint - seen if shard.count_hint is not None else 1
             skips.add("truncated tar (rest of shard lost)", shard.name, n=lost)
+
+
+def _tar_keys(shard: Shard) -> list[str]:
+    """The keys a tar can yield, in order, from its headers alone (for the key scan)."""
+    keys: dict[str, None] = {}
+    try:
+        with tarfile.open(shard.path, "r") as tar:
+            for member in tar:
+                match = _MEMBER.match(member.name) if member.isfile() else None
+                if match and is_safe_key(match.group(1)):
+                    keys.setdefault(match.group(1))
+    except _TAR_ERRORS:
+        pass  # what was listed before the damage; the reader counts the rest
+    return list(keys)
 
 
 def shard_stats_path(tar_path: str) -> str:
@@ -361,8 +427,7 @@ def _read_parquet(shard: Shard, skips: Skips) -> Iterator[Pair]:
     index = 0
     for batch in parquet.iter_batches(batch_size=256):
         for row in batch.to_pylist():
-            key = row.get("key")
-            key = safe_key(str(key)) if key is not None else f"{Path(shard.name).stem}-{index:09d}"
+            key = _parquet_key(row.get("key"), shard, index)
             index += 1
             where = f"{shard.name}:{key}"
             status = row.get("status")
@@ -372,6 +437,9 @@ def _read_parquet(shard: Shard, skips: Skips) -> Iterator[Pair]:
             if row.get(image_col) is None:
                 skips.add("missing image", where)
                 continue
+            if not isinstance(row[image_col], bytes):
+                skips.add(f"image column {image_col!r} holds {type(row[image_col]).__name__}, not bytes", where)
+                continue
             caption = row.get("caption")
             meta = {c: row[c] for c in columns
                     if c not in _PARQUET_IMAGE_COLUMNS and c != "caption" and _json_safe(row[c])}
@@ -379,6 +447,24 @@ def _read_parquet(shard: Shard, skips: Skips) -> Iterator[Pair]:
                               image_col, meta, skips, where)
             if pair is not None:
                 yield pair
+
+
+def _parquet_key(value: object, shard: Shard, index: int) -> str:
+    return safe_key(str(value)) if value is not None else f"{Path(shard.name).stem}-{index:09d}"
+
+
+def _parquet_keys(shard: Shard) -> list[str]:
+    """Every row's key, from the key column alone (for the key scan)."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(shard.path)
+        if "key" not in parquet.schema_arrow.names:
+            return [_parquet_key(None, shard, i) for i in range(parquet.metadata.num_rows)]
+        values = parquet.read(columns=["key"]).column("key").to_pylist()
+    except Exception:  # unreadable: the reader counts it
+        return []
+    return [_parquet_key(v, shard, i) for i, v in enumerate(values)]
 
 
 def _json_safe(value: object) -> bool:
@@ -573,10 +659,36 @@ def detect_format(path: str) -> str:
 
 
 def open_pairs(path: str | os.PathLike | Sequence[str], format: str | None = None,
-               csv_options: CsvOptions | None = None) -> PairSource:
-    """Open any supported source. `format` forces one of FORMATS instead of detecting."""
+               csv_options: CsvOptions | None = None, duplicate_keys: str = "error") -> PairSource:
+    """Open any supported source. `format` forces one of FORMATS instead of detecting;
+    `duplicate_keys` is "error" (the default) or "rename" (see the module's docstring)."""
     if format is not None and format not in FORMATS:
         raise SourceError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if duplicate_keys not in DUPLICATE_KEYS:
+        raise SourceError(f"unknown --duplicate-keys {duplicate_keys!r}; choose one of {', '.join(DUPLICATE_KEYS)}")
+    source = _open(path, format, csv_options)
+    return _with_key_rule(source, duplicate_keys == "rename")
+
+
+def _with_key_rule(source: PairSource, rename: bool) -> PairSource:
+    """Wrap every shard's reader in `_unique_keys`. With `rename` and several shards, the
+    keys are scanned first (tar headers, Parquet key columns) so each shard knows how
+    often its keys occurred before it."""
+    earlier: list[dict[str, int]] = [{} for _ in source.shards]
+    scan = {"webdataset": _tar_keys, "parquet": _parquet_keys}.get(source.format)
+    if rename and scan is not None and len(source.shards) > 1:
+        totals: Counter = Counter()
+        for i, shard in enumerate(source.shards):
+            keys = Counter(scan(shard))
+            earlier[i] = {k: totals[k] for k in keys if totals[k]}
+            totals.update(keys)
+    source.shards = [Shard(s.name, s.path, functools.partial(_unique_keys, earlier[i], rename, s.read),
+                           s.count_hint) for i, s in enumerate(source.shards)]
+    return source
+
+
+def _open(path: str | os.PathLike | Sequence[str], format: str | None, csv_options: CsvOptions | None
+          ) -> PairSource:
     if not isinstance(path, (str, os.PathLike)):
         paths = [str(p) for p in path]
         if not paths:

@@ -10,34 +10,100 @@ a shard that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
-from typing import Iterable
+from typing import IO, Iterable, Iterator
 
-from .pairs import SIZES_FILE, Pair, shard_stats_path
+from .pairs import SIZES_FILE, Pair, is_safe_key, shard_stats_path
 
 # img2dataset's sidecar parquet columns, in its order.
 SIDECAR_COLUMNS = ("url", "caption", "key", "status", "error_message", "width", "height",
                    "original_width", "original_height", "exif", "sha256")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def temp_path(path: str | os.PathLike) -> Path:
+    """Where a file is written before it is renamed into place: a hidden name that matches
+    no reader's pattern (*.tar, *.parquet, *.json) and ends in the writer's process id."""
     path = Path(path)
-    # Hidden name that matches no reader's pattern (*.tar, *.parquet, *.json).
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file for writing; on success it is synced and renamed to `path`, on
+    any error (a full disk included) it is removed: `path` is whole or untouched."""
+    path = Path(path)
+    tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        named = write_error(exc, path)
+        if named is not exc:
+            raise named from exc
         raise
+
+
+def write_error(exc: BaseException, path: str | os.PathLike) -> BaseException:
+    """A failed write that says which file: an OSError from the system (a full disk, a
+    quota, a file size limit) gets `path` as its file name; pyarrow's, which carries the
+    errno only in its text ("[errno 28] …"), becomes a plain OSError. Anything else as is."""
+    if not isinstance(exc, OSError):
+        return exc
+    if exc.errno is not None:
+        if exc.filename is None:
+            exc.filename = str(path)
+        return exc
+    match = re.search(r"\[errno (\d+)\]", str(exc), re.IGNORECASE)
+    if match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    return exc
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (`temp_path`) that writers killed before their rename
+    left in `folder`; files of a process still running are kept. Returns those removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if match and path.is_file() and not _running(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not writing it yet: a leftover of an earlier one with our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
@@ -166,6 +232,9 @@ def _check_keys(pairs: list[Pair], shard: str) -> None:
         if not base or "." in base or pair.key != pair.key.strip():
             raise ValueError(f"key {pair.key!r} cannot be stored in a webdataset tar "
                              f"(no dots, whitespace ends or empty names; see sanitize.pairs.safe_key)")
+        if not is_safe_key(pair.key):
+            raise ValueError(f"key {pair.key!r} is not a safe member name (absolute, '..' or control "
+                             f"characters); it is never written into a tar")
         if pair.key in seen:
             raise ValueError(f"duplicate key {pair.key!r} in shard {shard}")
         seen.add(pair.key)

@@ -4,6 +4,7 @@ passes on. Nothing heavy is imported here, so `safeclip --help` stays fast."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 DTYPES = ("float16", "float32")
@@ -20,6 +21,7 @@ class EmbedConfig:
     threads: int = 0                # 0: the cores the workers leave free, or $OMP_NUM_THREADS
     device: str = "auto"
     seed: int = 0
+    duplicate_keys: str = "error"  # or "rename" (sanitize/io/pairs.py)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -30,6 +32,10 @@ class EmbedConfig:
             raise ValueError("--workers must be >= 0")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0")
+        if self.seed < 0:
+            raise ValueError("--seed must be >= 0")
+        if self.duplicate_keys not in ("error", "rename"):
+            raise ValueError(f"unknown --duplicate-keys {self.duplicate_keys!r}; choose error or rename")
 
 
 @dataclass
@@ -73,16 +79,30 @@ class WarmupConfig:
             raise ValueError("need at least one unimodal or CLIP epoch (and none negative)")
         if self.batch_size < 2:
             raise ValueError("batch size must be >= 2 for contrastive losses")
-        if self.lr <= 0 or self.clip_lr_scale <= 0 or self.temperature <= 0:
-            raise ValueError("lr, clip-lr-scale and temperature must be > 0")
-        if self.memory_bank < 0:
-            raise ValueError("memory bank size must be >= 0")
+        self.validate_numbers()
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError("precision must be auto, fp32, bf16 or fp16")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError("crop scale must satisfy 0 < low <= high <= 1")
         if self.num_workers < 0:
             raise ValueError("--workers must be >= 0")
+
+    def validate_numbers(self) -> None:
+        """The numeric options' ranges (NaN and infinity included), shared with pretrain."""
+        if not all(0 < v < math.inf for v in (self.lr, self.clip_lr_scale, self.temperature)):
+            raise ValueError("lr, clip-lr-scale and temperature must be > 0 (and finite)")
+        if not (0 <= self.weight_decay < math.inf and 0 <= self.min_lr < math.inf):
+            raise ValueError("weight decay and min lr must be >= 0 (and finite)")
+        if not 0 <= self.eda_alpha <= 1:
+            raise ValueError("EDA alpha must be in [0, 1]")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError("--warmup-steps must be >= 0")
+        if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:
+            raise ValueError("--grad-clip must be > 0 (and finite)")
+        if self.shuffle_buffer < 0:
+            raise ValueError("shuffle buffer must be >= 0")
+        if self.memory_bank < 0:
+            raise ValueError("memory bank size must be >= 0")
 
 
 # Presets fill in options the user did not give. "paper": the official SafeCLIP
@@ -138,6 +158,7 @@ class PretrainConfig:
 
         if self.warmup.batch_size < 2:
             raise ValueError("batch size must be >= 2 for contrastive losses")
+        self.warmup.validate_numbers()
         if self.epochs < 1:
             raise ValueError("--epochs must be >= 1")
         if self.ratio_schedule is not None:
@@ -150,6 +171,10 @@ class PretrainConfig:
             raise ValueError(f"unknown score dtype {self.score_dtype!r}; choose float16 or float32")
         if self.keep < 1:
             raise ValueError("--keep must be >= 1")
+        if self.fit_sample < 2:
+            raise ValueError(f"--fit-sample must be at least 2, got {self.fit_sample}")
+        if self.score_batch_size < 1:
+            raise ValueError("score batch size must be >= 1")
         if self.eval_every < 0:
             raise ValueError("--eval-every must be >= 0")
         if self.eval_every and not self.eval_test:

@@ -98,6 +98,11 @@ def run_demo(config: DemoConfig, on_stage: Stage = lambda name: None, force: boo
     from .split import split
     from .warmup import WarmupConfig, run_warmup
 
+    warmup_config = WarmupConfig(unimodal_epochs=config.unimodal_epochs, clip_epochs=config.clip_epochs,
+                                 clip_lr_scale=config.clip_lr_scale, batch_size=config.batch_size, lr=config.lr,
+                                 seed=config.seed, num_workers=1)
+    warmup_config.validate()  # bad options fail before OUT is touched
+    EmbedConfig(workers=config.workers).validate()
     out = Path(config.out)
     if out.exists():
         if not force:
@@ -115,9 +120,6 @@ def run_demo(config: DemoConfig, on_stage: Stage = lambda name: None, force: boo
 
     poisoned = timed("poison", lambda: _inject(sample_path(), out, config))
     checkpoint, emb, part, report = out / Run.WARMUP, out / "embeddings", out / "split", out / "report.html"
-    warmup_config = WarmupConfig(unimodal_epochs=config.unimodal_epochs, clip_epochs=config.clip_epochs,
-                                 clip_lr_scale=config.clip_lr_scale, batch_size=config.batch_size, lr=config.lr,
-                                 seed=config.seed, num_workers=1)
     # 0: the thread policy (one core left to the decoding worker); the result depends on the thread count
     timed("warmup", lambda: run_warmup(str(poisoned), checkpoint, warmup_config, threads=config.threads or 0))
     timed("embed", lambda: run_embed(str(poisoned), checkpoint, emb, EmbedConfig(workers=config.workers)))

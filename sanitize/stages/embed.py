@@ -5,7 +5,11 @@ decoding runs in workers, a shard's pairs stay in order, and batches never mix
 shards: the output is identical whatever the number of workers or processes.
 Under `torchrun`, rank r embeds shards r, r+R, … and rank 0 writes `embed.json`.
 A shard's file is written atomically when its last batch is done; a rerun skips
-shards whose file exists, so a killed run resumes where it stopped.
+shards whose file exists, so a killed run resumes where it stopped. `run_embed`
+first records what makes the folder (`embed_identity`: checkpoint hash, source,
+options) and refuses to resume or rewrite a folder made with anything else
+(`Embeddings.prepare`); embed.json is written last, once every file is there and
+the keys are unique. DataLoader workers exit with the process that started them.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..io.artifacts import EmbedManifest, Embeddings, embedding_file_name
+from ..io.artifacts import EmbedManifest, Embeddings, check_unique_keys, embedding_file_name, file_sha256
 from ..io.pairs import CsvOptions, PairSource, Shard, Skips, open_pairs
 from ..io.shards import atomic_write_bytes
+from ..io.workers import exit_with_parent
 from ..models.factory import encode_pairs
 from ..train import distributed
 from .config import DTYPES, EmbedConfig
@@ -180,7 +185,7 @@ def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable
 
     dataset = _ShardBatches(todo, transform, tokenizer, batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                         persistent_workers=False)
+                                         persistent_workers=False, worker_init_fn=exit_with_parent())
     pending: dict[int, dict[str, list]] = {}
     model = model.to(device).eval()
     start = time.perf_counter()
@@ -223,9 +228,29 @@ def _embed_dim(model: torch.nn.Module) -> int:
     return int(getattr(model, "embed_dim", 0) or 0)
 
 
+def _source_path(source: PairSource) -> str:
+    return os.path.abspath(source.root) if not any(c in source.root for c in "{*?") else source.root
+
+
+def embed_identity(checkpoint: str | os.PathLike, source: PairSource, config: EmbedConfig,
+                   csv_options: CsvOptions | None = None) -> dict:
+    """What makes an embedding folder's files what they are: a rerun with another identity
+    must not resume into the folder or rewrite its embed.json."""
+    identity = {"checkpoint_sha256": file_sha256(checkpoint), "checkpoint_path": os.path.abspath(checkpoint),
+                "source": _source_path(source), "source_format": source.format, "dtype": config.dtype,
+                "augment": config.augment, "duplicate_keys": config.duplicate_keys}
+    if config.augment:
+        identity["seed"] = config.seed
+    if source.format == "csv":
+        options = csv_options or CsvOptions()
+        identity["csv"] = {"image_column": options.image_column, "caption_column": options.caption_column}
+    return identity
+
+
 def write_manifest(out_dir: str | os.PathLike, *, checkpoint: str, source: PairSource, dtype: str,
-                   augment: bool, seconds: float, world_size: int, extra: dict | None = None) -> EmbedManifest:
-    """Rank 0 writes embed.json once every shard file exists."""
+                   augment: bool, seconds: float, world_size: int, extra: dict | None = None,
+                   duplicate_keys: str = "error", identity: dict | None = None) -> EmbedManifest:
+    """Rank 0 writes embed.json once every shard file exists and no key repeats."""
     import pyarrow.parquet as pq
 
     folder = Embeddings(out_dir)
@@ -233,13 +258,14 @@ def write_manifest(out_dir: str | os.PathLike, *, checkpoint: str, source: PairS
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise RuntimeError(f"embedding incomplete: {len(missing)} shard file(s) missing, e.g. {missing[0]}")
+    check_unique_keys(files, out_dir, "fix the source, or embed it again with --duplicate-keys rename --force")
     count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     dim = pq.ParquetFile(files[0]).schema_arrow.field("image_emb").type.list_size
     manifest = EmbedManifest(
-        checkpoint=os.path.abspath(checkpoint),
-        source=os.path.abspath(source.root) if not any(c in source.root for c in "{*?") else source.root,
+        checkpoint=os.path.abspath(checkpoint), source=_source_path(source),
         source_format=source.format, dtype=dtype, dim=dim, augment=augment, count=count,
-        shards=[f.name for f in files], seconds=round(seconds, 3), world_size=world_size, extra=dict(extra or {}))
+        shards=[f.name for f in files], seconds=round(seconds, 3), world_size=world_size,
+        duplicate_keys=duplicate_keys, identity=dict(identity or {}), extra=dict(extra or {}))
     folder.write_manifest(manifest)
     return manifest
 
@@ -259,23 +285,36 @@ class EmbedRun:
 def run_embed(src: str, checkpoint: str | os.PathLike | None, out: str | os.PathLike, config: EmbedConfig, *,
               model: str | None = None, pretrained: str | os.PathLike | None = None,
               source_format: str | None = None, csv_options: CsvOptions | None = None,
-              on_batch: Callable[[int], None] | None = None) -> EmbedRun:
+              on_batch: Callable[[int], None] | None = None, force: bool = False) -> EmbedRun:
     """The `safeclip embed` stage: every pair of `src` embedded into `out` with a safeclip
     checkpoint, or with `model` + local open_clip weights `pretrained` (checkpoint None; see
     `models.checkpoint.load_model`), one share of the shards per process under torchrun;
-    rank 0 writes embed.json last."""
+    rank 0 writes embed.json last. A folder made with other weights, another source or other
+    options is refused (`force` clears it)."""
     from ..models.checkpoint import load_model
     from ..train.augment import eval_transform
     from ..train.views import SeededView
 
     config.validate()
-    source = open_pairs(src, format=source_format, csv_options=csv_options)
+    distributed.resolve_device(config.device)  # no CUDA, or a bogus name: one line before any work
+    source = open_pairs(src, format=source_format, csv_options=csv_options, duplicate_keys=config.duplicate_keys)
     loaded = load_model(checkpoint, model=model, pretrained=pretrained)
     model, tokenizer, image_size = loaded.model, loaded.tokenizer, loaded.image_size
     checkpoint = loaded.path
     origin = {} if loaded.weights == "safeclip" else {"model": loaded.config.get("name"), "weights": "open_clip"}
     with distributed.session(config.device) as ctx:
         device = distributed.resolve_device(config.device, ctx)
+        folder = Embeddings(out)
+        identity = {**embed_identity(checkpoint, source, config, csv_options), **origin} if ctx.is_main else None
+        state, error = None, None
+        if ctx.is_main:
+            try:
+                state = folder.prepare(identity, force=force)
+            except (FileExistsError, ValueError) as exc:
+                error = exc
+        state, error = distributed.broadcast_object(ctx, (state, error))
+        if error is not None:
+            raise error
         workers = distributed.default_workers() if config.workers is None else config.workers
         distributed.use_threads(config.threads, workers)
         transform = SeededView(image_size, config.seed + ctx.rank) if config.augment else eval_transform(image_size)
@@ -284,9 +323,12 @@ def run_embed(src: str, checkpoint: str | os.PathLike | None, out: str | os.Path
                               world_size=ctx.world_size, on_batch=on_batch)
         distributed.barrier(ctx)
         manifest = None
-        if ctx.is_main:
+        if ctx.is_main and state == "done" and not result.shards_done:
+            manifest = folder.manifest()  # finished with this identity: kept as it is
+        elif ctx.is_main:
             manifest = write_manifest(out, checkpoint=str(checkpoint), source=source, dtype=config.dtype,
                                       augment=config.augment, seconds=result.seconds, world_size=ctx.world_size,
                                       extra={"pairs_per_second_rank0": round(result.pairs_per_second, 1),
-                                             "skips_rank0": result.skips.as_dict(), **origin})
+                                             "skips_rank0": result.skips.as_dict(), **origin},
+                                      duplicate_keys=config.duplicate_keys, identity=identity)
         return EmbedRun(result, ctx.rank, ctx.world_size, manifest)

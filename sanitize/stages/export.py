@@ -1,9 +1,11 @@
 """Resharding one partition of a split into webdataset tars, from the original source.
 
 The partition files hold keys, not images; the images come from the source that
-was embedded (recorded in `embed.json`, found through `split.json`). The output
-is img2dataset's layout (see `shards.py`), so open_clip's trainer reads it with
-`--dataset-type webdataset` and `sizes.json`.
+was embedded (recorded in `embed.json`, found through `split.json`). A pair is
+selected by its identity, (input shard, key): a key that occurs more than once in
+the split is taken only from the shard whose partition file lists it, so a risky
+copy of a key can never be exported as a safe one. The output is img2dataset's layout (see
+`shards.py`), so open_clip's trainer reads it with `--dataset-type webdataset` and `sizes.json`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..io.artifacts import PARTITIONS, Split
+from ..io.artifacts import PARTITIONS, Split, embedding_file_name, repeated_keys
 from ..io.pairs import PairSource, open_pairs
 from ..io.shards import ShardWriter, atomic_write_json
 
@@ -30,27 +32,42 @@ def export_partition(part_dir: str | os.PathLike, partition: str, out_dir: str |
     if partition not in PARTITIONS:
         raise ValueError(f"unknown partition {partition!r}; choose safe or risky")
     split = Split(part_dir)
-    path, fmt = split.source()  # also checks that PART is a finished split
-    keys = split.key_set(partition)
-    if not split.files(partition):
-        raise FileNotFoundError(f"{split.partition_dir(partition)}: no partition files (run `safeclip split` first)")
+    manifest = split.check_complete()  # a half-written split is never exported
+    path, fmt = manifest.source, manifest.source_format
+    # A pair's identity is (input shard, key). Keys the split holds once identify their pair
+    # alone (so --source may name a re-sharded copy); a key it holds more than once (a split
+    # made before keys were checked) is taken only from the shard its partition file names.
+    repeated = repeated_keys(split.files("safe") + split.files("risky"))
+    by_key: set[str] = set()
+    by_shard: set[tuple[str, str]] = set()
+    for stem, keys in split.keys(partition).items():
+        for key in keys:
+            if key in repeated:
+                by_shard.add((stem, key))
+            else:
+                by_key.add(key)
     if source is None:
         if not path:
             raise ValueError(f"{split.manifest_path} does not record its source; pass it with --source")
-        source = open_pairs(path, format=fmt)
-    found: set[str] = set()
+        source = open_pairs(path, format=fmt, duplicate_keys=manifest.duplicate_keys)
+    found: set[tuple[str, str]] = set()
     with ShardWriter(out_dir, samples_per_shard) as writer:
-        for pair in source:
-            if on_pair:
-                on_pair()
-            if pair.key in keys and pair.key not in found:
-                found.add(pair.key)
-                writer.write(pair)
-    missing = keys - found
+        for shard in source.shards:
+            stem = Path(embedding_file_name(shard.name)).stem
+            for pair in shard.pairs(source.skips):
+                if on_pair:
+                    on_pair()
+                ident = (stem, pair.key) if pair.key in repeated else ("", pair.key)
+                if ident not in found and (pair.key in by_key or ident in by_shard):
+                    found.add(ident)
+                    writer.write(pair)
+    missing = sorted([key for key in by_key if ("", key) not in found]
+                     + [f"{stem}:{key}" for stem, key in by_shard if (stem, key) not in found])
+    keys = by_key | by_shard
     stats = {"partition": partition, "split": os.path.abspath(part_dir), "source": source.root,
              "written": writer.written, "shards": -(-writer.written // samples_per_shard),
              "partition_size": len(keys), "missing_from_source": len(missing),
-             "missing_examples": sorted(missing)[:10], "source_skips": source.skips.as_dict()}
+             "missing_examples": missing[:10], "source_skips": source.skips.as_dict()}
     atomic_write_json(Path(out_dir) / "export_stats.json", stats)
     return stats
 

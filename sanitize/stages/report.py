@@ -75,13 +75,22 @@ def _histogram(con, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _most_risky(con, part: str, top: int, with_truth: bool) -> list[RiskyPair]:
+    """The `top` highest-ranked risky pairs with the shard each comes from. The sandboxed
+    connection opens no file itself, so this fixed query over the split's own files runs on
+    a private connection; the attack of each pair is then looked up in the sandbox's `truth`."""
+    import duckdb
+
     files = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in locate(part).risky) + "]"
+    table = duckdb.connect(":memory:").sql(
+        f"SELECT key, caption, similarity, p_clean, rank, parse_filename(filename, true) AS shard "
+        f"FROM read_parquet({files}, filename = true) ORDER BY rank DESC LIMIT {int(top)}").to_arrow_table()
+    con.register("_safeclip_report_top", table)
     attack = ("(SELECT CASE WHEN t.kind = 'poison' THEN coalesce(t.attack, 'poison') WHEN t.kind = 'noise' "
               "THEN 'noise' END FROM truth t WHERE t.key = r.key LIMIT 1)") if with_truth else "NULL"
-    rows = con.execute(
-        f"SELECT key, caption, similarity, p_clean, rank, filename, {attack} FROM read_parquet({files}, "
-        f"filename = true) r ORDER BY rank DESC LIMIT {int(top)}").fetchall()
-    return [RiskyPair(k, c, float(s), float(p), int(r), Path(f).stem, a) for k, c, s, p, r, f, a in rows]
+    rows = con.execute(f"SELECT key, caption, similarity, p_clean, rank, shard, {attack} "
+                       "FROM _safeclip_report_top r ORDER BY rank DESC").fetchall()
+    con.unregister("_safeclip_report_top")
+    return [RiskyPair(k, c, float(s), float(p), int(r), f, a) for k, c, s, p, r, f, a in rows]
 
 
 def thumbnail_uri(image, size: int) -> str:
@@ -103,8 +112,11 @@ def thumbnail_uri(image, size: int) -> str:
     return f"data:image/{'png' if small else 'jpeg'};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def attach_thumbnails(pairs: list[RiskyPair], source: str | None, source_format: str | None, size: int) -> str | None:
-    """Read the images of `pairs` from the source; returns a note when they cannot all be found."""
+def attach_thumbnails(pairs: list[RiskyPair], source: str | None, source_format: str | None, size: int,
+                      duplicate_keys: str = "error") -> str | None:
+    """Read the images of `pairs` from the source, each from its own shard (a pair is its shard
+    and key); returns a note when they cannot all be found."""
+    from ..io.artifacts import embedding_file_name
     from ..io.pairs import SourceError, open_pairs
 
     if not pairs:
@@ -113,34 +125,41 @@ def attach_thumbnails(pairs: list[RiskyPair], source: str | None, source_format:
         return f"no thumbnails: the embedding folder records no source ({Embeddings.MANIFEST})"
     try:
         src = open_pairs(source, format=source_format if source_format in ("webdataset", "parquet", "csv",
-                                                                            "folder") else None)
+                                                                            "folder") else None,
+                         duplicate_keys=duplicate_keys)
     except SourceError as exc:
         return f"no thumbnails: {exc}"
-    wanted: dict[str, list[RiskyPair]] = {}
+    # Embedding (and partition) files are named after their source shard, so only those shards are read.
+    stems = {Path(embedding_file_name(s.name)).stem: s for s in src.shards}
+    by_shard = all(p.shard in stems for p in pairs)
+    wanted: dict[tuple[str, str], list[RiskyPair]] = {}
     for p in pairs:
-        wanted.setdefault(p.key, []).append(p)
-    shards_wanted = {p.shard for p in pairs}
-    # Embedding files are named after their source shard, so only those shards are read.
-    shards = [s for s in src.shards if Path(s.name).stem in shards_wanted] or src.shards
-    for shard in shards:
-        for pair in shard.pairs(src.skips):
-            for target in wanted.pop(pair.key, []):
-                target.thumbnail = thumbnail_uri(pair.image, size)
-            if not wanted:
-                return None
+        wanted.setdefault((p.shard if by_shard else "", p.key), []).append(p)
+    shards = [stems[s] for s in sorted({p.shard for p in pairs})] if by_shard else src.shards
+    try:
+        for shard in shards:
+            stem = Path(embedding_file_name(shard.name)).stem if by_shard else ""
+            for pair in shard.pairs(src.skips):
+                for target in wanted.pop((stem, pair.key), []):
+                    target.thumbnail = thumbnail_uri(pair.image, size)
+                if not wanted:
+                    return None
+    except SourceError as exc:
+        return f"no thumbnails: {exc}"
     return f"no thumbnail for {sum(len(v) for v in wanted.values())} pair(s): key not found in {source}"
 
 
 def gather(part: str | os.PathLike, top: int = 24, bins: int = 60, thumb_px: int = 96,
            meta: str | None = None, truth: str | None = None) -> ReportData:
     part = str(part)
-    manifest = Split(part).manifest().to_json()
+    manifest = Split(part).check_complete().to_json()  # a half-written split is never reported
     con = connect(part, meta=meta, truth=truth)
     with_truth = "truth" in view_names(con)
     edges, safe, risky = _histogram(con, bins)
     pairs = _most_risky(con, part, top, with_truth)
     notes = []
-    note = attach_thumbnails(pairs, manifest.get("source"), manifest.get("source_format"), thumb_px)
+    note = attach_thumbnails(pairs, manifest.get("source"), manifest.get("source_format"), thumb_px,
+                             manifest.get("duplicate_keys") or "error")
     if note:
         notes.append(note)
     detection = split_detection(part, truth)["rows"] if with_truth else None

@@ -31,6 +31,7 @@ embedding columns twice more, keeping one small int per row).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -45,7 +46,8 @@ import pyarrow.parquet as pq
 
 from ..defenses.gmm import clean_log_odds, fit_mixture, posterior_from_log_odds, separation, split_warnings
 from ..defenses.schedule import Schedule, parse_schedule, plan_split
-from ..io.artifacts import PARTITIONS, Embeddings, Split, SplitManifest
+from ..io.artifacts import PARTITIONS, Embeddings, Split, SplitManifest, check_unique_keys
+from ..io.shards import remove_stale_temps, temp_path, write_error
 
 T = TypeVar("T")
 DEFAULT_FIT_SAMPLE = 1_000_000
@@ -83,24 +85,40 @@ class EmbFile:
 
 
 def list_emb_files(emb: str | os.PathLike) -> list[EmbFile]:
-    """The complete embedding files in EMB (dotfiles are unfinished temp files)."""
+    """The embedding files of a finished EMB folder (embed.json and its files agree),
+    each checked for the columns the split reads."""
     if not Path(emb).is_dir():
         raise FileNotFoundError(f"{emb}: no such folder of embedding files")
     files = Embeddings(emb).files()
     if not files:
+        Embeddings(emb).check_complete()  # says "unfinished" when a run has started
         raise FileNotFoundError(f"{emb}: no embedding files (*.parquet); run `safeclip embed` first")
     out = []
     for path in files:
         try:
             meta = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
-        names = meta.schema_arrow.names
-        missing = [c for c in ("key", "caption", "similarity") if c not in names]
+        except Exception as exc:  # pyarrow raises several types for a cut or garbled file
+            raise ValueError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:160]})") from None
+        schema = meta.schema_arrow
+        missing = [c for c in ("key", "caption", "similarity") if c not in schema.names]
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; is this an embed output?")
-        out.append(EmbFile(str(path), path.stem, meta.metadata.num_rows, "url" in names))
+        _check_column_types(path, schema)
+        out.append(EmbFile(str(path), path.stem, meta.metadata.num_rows, "url" in schema.names))
+    Embeddings(emb).check_complete()  # a half-written folder is never read as a whole one
     return out
+
+
+def _check_column_types(path: Path, schema: pa.Schema) -> None:
+    """One number per pair in `similarity`, text in `key` and `caption`."""
+    kinds = {"similarity": (pa.types.is_floating, pa.types.is_integer, pa.types.is_null),
+             "key": (pa.types.is_string, pa.types.is_large_string),
+             "caption": (pa.types.is_string, pa.types.is_large_string, pa.types.is_null)}
+    for name, accepted in kinds.items():
+        kind = schema.field(name).type
+        if not any(test(kind) for test in accepted):
+            what = "a number" if name == "similarity" else "text"
+            raise ValueError(f"{path}: column {name} is {kind}, not {what} per pair; is this an embed output?")
 
 
 def _similarities_and_keys(files: list[EmbFile], track) -> tuple[np.ndarray, pa.ChunkedArray]:
@@ -228,6 +246,7 @@ def _prepare_out(out: Split, force: bool) -> None:
         raise FileExistsError(f"{out.root}: already holds a split ({Split.MANIFEST}); use --force to replace it")
     for part in PARTITIONS:
         out.partition_dir(part).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out.partition_dir(part))  # left by a split killed mid-write
     # The manifest goes first so a half-rewritten folder never looks complete.
     out.manifest_path.unlink(missing_ok=True)
     for part in PARTITIONS:
@@ -258,9 +277,11 @@ def _write_partitions(files: list[EmbFile], out: Path, p_clean: np.ndarray, rank
     start = 0
     for f in track(files, len(files), "writing partitions"):
         columns = ["key", "caption", "similarity"] + (["url"] if f.has_url else [])
-        tmp = {p: out / p / f".{f.name}.parquet.tmp{os.getpid()}" for p in PARTITIONS}
-        writers = {p: pq.ParquetWriter(tmp[p], OUTPUT_SCHEMA) for p in PARTITIONS}
+        tmp = {p: temp_path(out / p / f"{f.name}.parquet") for p in PARTITIONS}
+        writers: dict[str, pq.ParquetWriter] = {}
         try:
+            for name in PARTITIONS:
+                writers[name] = pq.ParquetWriter(tmp[name], OUTPUT_SCHEMA)
             for batch in pq.ParquetFile(f.path).iter_batches(batch_size=BATCH_ROWS, columns=columns):
                 stop = start + batch.num_rows
                 r, p = rank[start:stop], p_clean[start:stop]
@@ -269,9 +290,18 @@ def _write_partitions(files: list[EmbFile], out: Path, p_clean: np.ndarray, rank
                     rows = batch.filter(pa.array(mask))
                     writers[name].write_table(_output_table(rows, f.has_url, p[mask], r[mask], name, epoch, ratio))
                 start = stop
-        finally:
-            for w in writers.values():
-                w.close()
+            for name in PARTITIONS:
+                writers.pop(name).close()
+        except BaseException as exc:  # a full disk included: no temporary file stays behind
+            for name in PARTITIONS:
+                if name in writers:
+                    with contextlib.suppress(Exception):
+                        writers[name].close()
+                tmp[name].unlink(missing_ok=True)
+            named = write_error(exc, f"{out}/{{safe,risky}}/{f.name}.parquet")  # which files could not be written
+            if named is not exc:
+                raise named from exc
+            raise
         for p in PARTITIONS:
             os.replace(tmp[p], out / p / f"{f.name}.parquet")
     if start != rank.size:
@@ -311,6 +341,9 @@ def _fit_and_rank(files: list[EmbFile], schedule: Schedule, epoch: int, fit_samp
     t0 = time.perf_counter()
     warnings: list[str] = []
     similarity, keys = _similarities_and_keys(files, track)
+    if pc.count_distinct(keys).as_py() != len(keys):  # then name them (reads the keys again)
+        check_unique_keys([f.path for f in files], Path(files[0].path).parent,
+                          "embed the source again with --duplicate-keys rename --force")
     n = similarity.size
     finite = np.isfinite(similarity)
     n_bad = int(n - np.count_nonzero(finite))
@@ -361,7 +394,7 @@ def _manifest(emb: str | os.PathLike, files: list[EmbFile], schedule: Schedule, 
                 "safe_share": n_safe / n if n else 0.0},
         mixture=r.mixture.as_dict(), separation=quality, fit_sample=r.fit_sample, seed=seed, ranking=ranking,
         emb=os.path.abspath(emb), source=info.get("source"), source_format=info.get("source_format"),
-        checkpoint=info.get("checkpoint"),
+        checkpoint=info.get("checkpoint"), duplicate_keys=info.get("duplicate_keys") or "error",
         input_files=[{"name": os.path.basename(f.path), "rows": f.rows} for f in files],
         warnings=warnings, timing_s={k: round(v, 3) for k, v in timing.items()}, extra=r.extra)
 
@@ -380,6 +413,8 @@ def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | s
     options = parse_options(ranking_options)
     if fit_sample < 2:
         raise ValueError(f"--fit-sample must be at least 2, got {fit_sample}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
     previous_r0, previous_source = (read_previous_r0(previous) if previous is not None
                                     and schedule.kind == "safeclip" and epoch > 0 else (None, None))
     files = list_emb_files(emb)
