@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..defenses.duplicates import find_groups, one_per_group
 from ..defenses.gmm import clean_log_odds, fit_mixture, posterior_from_log_odds, separation, split_warnings
 from ..defenses.schedule import Schedule, parse_schedule, plan_split
 from ..io.artifacts import PARTITIONS, Embeddings, Split, SplitManifest, check_unique_keys
@@ -336,7 +337,7 @@ class _Ranking:
 
 
 def _fit_and_rank(files: list[EmbFile], schedule: Schedule, epoch: int, fit_sample: int, seed: int,
-                  previous_r0, previous_source, strategy, options, track) -> _Ranking:
+                  previous_r0, previous_source, strategy, options, track, dedup: float | None = None) -> _Ranking:
     """Read the similarities, fit the mixture, apply the schedule and rank (pass 1 of 2)."""
     t0 = time.perf_counter()
     warnings: list[str] = []
@@ -365,11 +366,16 @@ def _fit_and_rank(files: list[EmbFile], schedule: Schedule, epoch: int, fit_samp
     ranked = strategy(RankInputs(log_odds, np.where(finite, similarity, -np.inf), keys, files, seed,
                                  plan.n_safe, options, track))
     warnings.extend(ranked.warnings)
+    order, extra = ranked.order, dict(ranked.manifest)
+    if dedup:  # at most one pair of each near-duplicate image group in the safe set (defenses/duplicates.py)
+        groups = find_groups([f.path for f in files], n, dedup, track)
+        order, moved = one_per_group(order, groups.labels, plan.n_safe)
+        extra["dedup"] = {**groups.summary(), "left_safe_set": moved}
     rank = np.empty(n, dtype=np.int64)
-    rank[ranked.order] = np.arange(n, dtype=np.int64)
+    rank[order] = np.arange(n, dtype=np.int64)
     timing = {"read": t_read - t0, "fit": t_fit - t_read, "rank": time.perf_counter() - t_fit}
-    return _Ranking(similarity, finite, p_clean, rank, ranked.order[:plan.n_safe], plan.n_safe, plan, mixture,
-                    int(sample.size), ranked.manifest, warnings, timing)
+    return _Ranking(similarity, finite, p_clean, rank, order[:plan.n_safe], plan.n_safe, plan, mixture,
+                    int(sample.size), extra, warnings, timing)
 
 
 def _manifest(emb: str | os.PathLike, files: list[EmbFile], schedule: Schedule, epoch: int, seed: int,
@@ -402,8 +408,11 @@ def _manifest(emb: str | os.PathLike, files: list[EmbFile], schedule: Schedule, 
 def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | str, epoch: int = 0,
           fit_sample: int = DEFAULT_FIT_SAMPLE, seed: int = 0, previous: str | os.PathLike | None = None,
           ranking: str = "global", ranking_options: Mapping | None = None, force: bool = False,
-          track: Callable[[Iterable, int | None, str], Iterable] = _identity_track) -> SplitResult:
-    """Fit, rank and write both partitions plus PART/split.json (written last)."""
+          track: Callable[[Iterable, int | None, str], Iterable] = _identity_track,
+          dedup: float | None = None) -> SplitResult:
+    """Fit, rank and write both partitions plus PART/split.json (written last). `dedup`: the
+    near-duplicate threshold tau; the safe set then holds at most one pair of each group of
+    near-identical images (defenses/duplicates.py)."""
     t0 = time.perf_counter()
     if isinstance(schedule, str):
         schedule = parse_schedule(schedule)
@@ -428,7 +437,7 @@ def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | s
                         f"{ranking} ranking; ignored")
 
     ranked = _fit_and_rank(files, schedule, epoch, fit_sample, seed, previous_r0, previous_source, strategy,
-                           options, track)
+                           options, track, dedup)
     warnings.extend(ranked.warnings)
     t_write = time.perf_counter()
     _write_partitions(files, folder.root, ranked.p_clean, ranked.rank, ranked.n_safe, epoch, ranked.plan.ratio,

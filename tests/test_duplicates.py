@@ -1,0 +1,78 @@
+"""Near-duplicate image groups keep at most one pair in the safe set (defenses/duplicates.py):
+copies of one image with high-scoring captions — targeted poisoning's signature — are grouped,
+distinct images are not, and the safe count is filled by the next-best pairs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from emb_synth import unit_pairs, write_embed_manifest
+from sanitize.defenses.duplicates import find_groups, one_per_group
+from sanitize.stages.split import split
+
+DIM = 16
+
+
+def _write(emb, image: np.ndarray, similarity: np.ndarray) -> None:
+    emb.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    _, text = unit_pairs(similarity.astype(np.float64), DIM, rng)
+    keys = [f"{i:06d}" for i in range(len(image))]
+    vectors = lambda m: pa.FixedSizeListArray.from_arrays(pa.array(m.astype(np.float16).reshape(-1)), DIM)  # noqa: E731
+    pq.write_table(pa.table({"key": keys, "caption": [f"caption {k}" for k in keys],
+                             "image_emb": vectors(image), "text_emb": vectors(text),
+                             "similarity": pa.array(similarity, pa.float32())}), emb / "00000.parquet")
+    write_embed_manifest(emb)
+
+
+def _data(n: int = 400, copies: int = 20):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(n, DIM)) + 3.0  # a narrow cone, as after a short warm-up
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    image[:copies] = image[0]                                     # one image, `copies` times
+    image[copies] = image[0] + rng.normal(scale=1e-4, size=DIM)   # and a near-identical copy
+    image[copies] /= np.linalg.norm(image[copies])
+    similarity = np.where(np.arange(n) <= copies, 0.45, rng.normal(0.3, 0.05, n)).astype(np.float32)
+    similarity[n - 60:] = rng.normal(0.02, 0.03, 60)  # a risky bump
+    return image, similarity
+
+
+def test_groups_join_copies_and_near_copies_only(tmp_path):
+    image, similarity = _data()
+    _write(tmp_path / "emb", image, similarity)
+    groups = find_groups([str(tmp_path / "emb" / "00000.parquet")], len(image))
+    assert groups.summary() == {"tau": 0.9999, "groups": 1, "pairs_in_groups": 21, "largest_group": 21}
+    assert (groups.labels[:21] == groups.labels[0]).all() and (groups.labels[21:] == -1).all()
+
+
+def test_one_per_group_keeps_the_best_and_refills_the_safe_count():
+    order = np.array([5, 2, 7, 1, 0, 3, 6, 4])
+    labels = np.array([-1, 9, 9, -1, 9, -1, -1, -1])  # rows 1, 2, 4: one group
+    out, moved = one_per_group(order, labels, n_safe=4)
+    assert out.tolist() == [5, 2, 7, 0, 1, 4, 3, 6] and moved == 1  # row 1 out, row 0 in
+    assert sorted(out.tolist()) == list(range(8))
+    out, moved = one_per_group(order, labels, n_safe=8)  # everything safe: nothing can leave
+    assert moved == 0 and sorted(out[:8].tolist()) == list(range(8))
+
+
+def test_split_with_dedup_admits_one_copy(tmp_path):
+    image, similarity = _data()
+    _write(tmp_path / "emb", image, similarity)
+    plain = split(tmp_path / "emb", tmp_path / "plain", "fraction:0.8").manifest
+    dedup = split(tmp_path / "emb", tmp_path / "dedup", "fraction:0.8", dedup=0.9999).manifest
+
+    def safe(part):
+        return set(pq.read_table(tmp_path / part / "safe" / "00000.parquet").column("key").to_pylist())
+
+    copies = {f"{i:06d}" for i in range(21)}
+    assert copies <= safe("plain")  # high similarity: every copy is safe without grouping
+    assert len(copies & safe("dedup")) == 1
+    assert plain.counts["safe"] == dedup.counts["safe"] == 320  # the count is the schedule's, refilled
+    assert dedup.extra["dedup"] == {"tau": 0.9999, "groups": 1, "pairs_in_groups": 21, "largest_group": 21,
+                                    "left_safe_set": 20}
+    written = json.loads((tmp_path / "dedup" / "split.json").read_text())
+    assert written["dedup"]["left_safe_set"] == 20 and "dedup" not in plain.extra
