@@ -91,7 +91,7 @@ class Session:
     records: list[dict] = field(default_factory=list)
     last_checkpoint: str | None = None
     full: dict = field(default_factory=dict)   # PairBatches over every pair, by `plain`
-    kept: dict | None = None                   # this epoch's view-1 embeddings (score from training)
+    kept: dict | None = None                   # this epoch's plain-pair embeddings (score from training)
 
     def lr(self, step: int) -> float:
         w = self.config.warmup
@@ -401,11 +401,12 @@ def finish_epoch(session: Session, epoch: int, record: dict) -> None:
     if session.kept is not None:
         t = time.perf_counter()
         gathered = gather_object(ctx, session.kept)
-        if ctx.is_main:
-            merged = {key: value for part in gathered for key, value in part.items()}
-            scores_from_training(merged, run.scores(epoch), run.scores(epoch + 1), config.score_dtype,
-                                 str(run.checkpoint(epoch)), session.source, ctx.world_size)
-        barrier(ctx)
+        merged = {key: value for part in gathered for key, value in part.items()} if ctx.is_main else {}
+        state = session.state
+        record["next_scores"] = scores_from_training(
+            merged, run.scores(epoch), run.scores(epoch + 1), state.model, state.tokenizer, state.image_size,
+            session.source, dtype=config.score_dtype, batch_size=config.score_batch_size,
+            num_workers=config.warmup.num_workers, ctx=ctx, device=state.device, checkpoint=str(run.checkpoint(epoch)))
         seconds["score"] = seconds.get("score", 0.0) + round(time.perf_counter() - t, 3)
         session.kept = None
     k = epoch - session.defense.warm_epochs

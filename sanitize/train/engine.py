@@ -55,8 +55,8 @@ class Precision:
 
 
 class Steps:
-    """The loss of one tagged batch. `keep`, when a dict, collects each pair's view-1
-    embeddings by key (scoring from the training pass). `zero_scale_grad` gives the
+    """The loss of one tagged batch. `keep`, when a dict, collects the embeddings of every pair
+    trained as a plain pair, by key (scoring from the training pass). `zero_scale_grad` gives the
     logit scale a zero gradient in unimodal steps, which DDP needs (every parameter must
     get one) and which single-process phase 3 keeps so one and many processes train alike."""
 
@@ -78,7 +78,7 @@ class Steps:
         out = self.net(images.to(self.device, non_blocking=True), texts.to(self.device, non_blocking=True))
         # open_clip's forward: normalised image and text features, exp(logit_scale)
         image, text, scale = out[0].float(), out[1].float(), out[2].float().clamp(max=MAX_LOGIT_SCALE)
-        if self.keep is not None:
+        if self.keep is not None and plain:  # the pair as the scoring pass sees it: reusable as its score
             image1, text1 = image[:n].detach().cpu().numpy(), text[:n].detach().cpu().numpy()
             for i, key in enumerate(batch["key"]):
                 self.keep[key] = (image1[i], text1[i])
