@@ -12,6 +12,12 @@ from sanitize.stages.config import PretrainConfig, WarmupConfig
 from .common import EpochBar, done, fail, user_errors, warn
 
 P, W = PretrainConfig(), WarmupConfig()  # the library's defaults, shown and passed on
+# The options that are PretrainConfig/WarmupConfig fields by the same name (and --workers: num_workers).
+CONFIG_OPTIONS = ("defense", "model", "pretrained", "epochs", "unimodal_epochs", "clip_epochs", "clip_lr_scale",
+                  "batch_size", "lr", "weight_decay", "warmup_steps", "ratio_schedule", "ranking", "clip_views",
+                  "risky_loss", "dedup_tau", "score_from_training", "temperature", "memory_bank", "eda_alpha",
+                  "precision", "grad_clip", "local_loss", "fit_sample", "keep", "eval_every", "eval_test",
+                  "eval_classes", "seed")
 HELP = {
     "defense": "safeclip (the full loop); none (plain CLIP on every pair, no warm-up, never splits: the "
                "baseline); clip-score (warm-up, one split with a fixed fraction/threshold, CLIP on that safe "
@@ -20,7 +26,12 @@ HELP = {
                   "plain (CLIP on the image and caption as they are; half the work), auto (cross for safeclip, "
                   "plain for the none/clip-score baselines, as in the paper).",
     "score_from_training": "Score each split from the embeddings the previous epoch's training pass computed "
-                           "(view 1 of every pair) instead of a separate no-grad pass.",
+                           "for the pairs it trained as plain pairs, and a no-grad pass over the rest only, "
+                           "instead of a no-grad pass over every pair.",
+    "risky_loss": "What trains the risky partition: unimodal (SafeCLIP's image-only and text-only "
+                  "contrastive loss), none (left out), auto (the defense's own).",
+    "dedup_tau": "Near-duplicate images (centred image-embedding cosine >= TAU) keep at most one pair in the "
+                 "safe set; 0 = off [the defense's own].",
     "warmup_from": "Take phases 1-2 from this finished warm-up checkpoint (`safeclip warmup`'s output or another "
                    "run's RUN/warmup.pt) instead of training them; its settings must match this run's.",
     "ratio_schedule": "Split schedule, as `safeclip split`: safeclip[:threshold=T,step=S,cap=C,r0=R], "
@@ -60,6 +71,8 @@ def pretrain(
     ratio_schedule: Optional[str] = typer.Option(None, help=HELP["ratio_schedule"]),
     ranking: str = typer.Option(P.ranking, help="Split ranking: global (the paper's) or balanced."),
     clip_views: str = typer.Option(P.clip_views, help=HELP["clip_views"]),
+    risky_loss: str = typer.Option(P.risky_loss, help=HELP["risky_loss"]),
+    dedup_tau: Optional[float] = typer.Option(None, help=HELP["dedup_tau"]),
     score_from_training: bool = typer.Option(False, help=HELP["score_from_training"]),
     temperature: float = typer.Option(W.temperature, help="Temperature of the unimodal InfoNCE loss."),
     memory_bank: Optional[int] = typer.Option(None, help=f"NNCLR memory bank per modality; 0 = in-batch "
@@ -98,15 +111,9 @@ def pretrain(
     from sanitize.stages.pretrain import Hooks, prepare_run_folder, run_pretrain
     from sanitize.train import distributed
 
+    options = {name: value for name, value in locals().items() if name in CONFIG_OPTIONS}
     with user_errors():
-        config = PretrainConfig.from_options(
-            preset, defense=defense, model=model, pretrained=pretrained, epochs=epochs, unimodal_epochs=unimodal_epochs,
-            clip_epochs=clip_epochs, clip_lr_scale=clip_lr_scale, batch_size=batch_size, lr=lr,
-            weight_decay=weight_decay, warmup_steps=warmup_steps, ratio_schedule=ratio_schedule, ranking=ranking,
-            clip_views=clip_views, score_from_training=score_from_training, temperature=temperature,
-            memory_bank=memory_bank, eda_alpha=eda_alpha, precision=precision, grad_clip=grad_clip,
-            local_loss=local_loss, fit_sample=fit_sample, keep=keep, eval_every=eval_every, eval_test=eval_test,
-            eval_classes=eval_classes, num_workers=workers, seed=seed)
+        config = PretrainConfig.from_options(preset, num_workers=workers, **options)
         if threads < 0:
             fail("--threads must be >= 0")
         if not resume:

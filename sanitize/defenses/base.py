@@ -37,6 +37,7 @@ class SplitRequest:
     ranking: str = "global"
     previous: int | None = None
     from_training: bool = False
+    dedup: float = 0.0          # near-duplicate threshold: at most one pair of a group safe (0: off)
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,11 @@ class Defense:
 
     name: ClassVar[str] = ""
     warms_up: ClassVar[bool] = True            # phases 1–2 (the warm-up) before phase 3
-    trains_unimodal: ClassVar[bool] = False    # keeps NNCLR memory banks for unimodal streams
     default_schedule: ClassVar[str | None] = None
     cross_views_by_default: ClassVar[bool] = False   # what --clip-views auto means
     scores_from_training: ClassVar[bool] = False     # accepts --score-from-training
+    default_risky_loss: ClassVar[str] = "none"       # what --risky-loss auto means
+    default_dedup: ClassVar[float] = 0.0             # what --dedup-tau means when not given
 
     def __init__(self, config: "PretrainConfig"):
         self.config = config
@@ -75,6 +77,22 @@ class Defense:
         """Whether the CLIP loss trains on plain pairs ("plain") or two views ("cross")."""
         views = self.config.clip_views
         return views == "plain" or (views == "auto" and not self.cross_views_by_default)
+
+    @property
+    def risky_loss(self) -> str:
+        """What trains the risky partition: "unimodal" (SafeCLIP's) or "none"."""
+        loss = self.config.risky_loss
+        return self.default_risky_loss if loss == "auto" else loss
+
+    @property
+    def trains_unimodal(self) -> bool:
+        """Whether some stream takes the unimodal loss (the NNCLR memory banks carry on)."""
+        return self.risky_loss == "unimodal"
+
+    @property
+    def dedup(self) -> float:
+        """The near-duplicate threshold of this defense's splits (0: no grouping)."""
+        return self.default_dedup if self.config.dedup_tau is None else self.config.dedup_tau
 
     @property
     def warm_epochs(self) -> int:

@@ -22,7 +22,8 @@ class ClipScore(Defense):
             raise ValueError("--defense clip-score needs a fixed cut: --ratio-schedule fraction:F or threshold:T")
 
     def split_for(self, epoch):
-        return SplitRequest(at=self.warm_epochs, schedule=self.schedule, ranking=self.config.ranking)
+        return SplitRequest(at=self.warm_epochs, schedule=self.schedule, ranking=self.config.ranking,
+                            dedup=self.dedup)
 
     def streams(self, epoch, split):
         return [Stream("clip", "clip", "safe", self.plain_clip)]

@@ -14,16 +14,17 @@ class SafeCLIP(Defense):
     partition under the unimodal loss."""
 
     name = "safeclip"
-    trains_unimodal = True
     default_schedule = "safeclip"
     cross_views_by_default = True
     scores_from_training = True
+    default_risky_loss = "unimodal"
 
     def split_for(self, epoch):
         k = epoch - self.warm_epochs
         return SplitRequest(at=epoch, schedule=self.schedule, schedule_epoch=k, ranking=self.config.ranking,
                             previous=self.warm_epochs if k > 0 else None,
-                            from_training=self.config.score_from_training and k > 0)
+                            from_training=self.config.score_from_training and k > 0, dedup=self.dedup)
 
     def streams(self, epoch, split):
-        return [Stream("clip", "clip", "safe", self.plain_clip), Stream("unimodal", "unimodal", "risky")]
+        risky = [Stream("unimodal", "unimodal", "risky")] if self.risky_loss == "unimodal" else []
+        return [Stream("clip", "clip", "safe", self.plain_clip), *risky]

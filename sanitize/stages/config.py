@@ -129,6 +129,8 @@ class PretrainConfig:
     ratio_schedule: str | None = None
     ranking: str = "global"
     clip_views: str = "auto"
+    risky_loss: str = "auto"             # auto: the defense's own (unimodal for safeclip)
+    dedup_tau: float | None = None       # None: the defense's own; 0: no near-duplicate grouping
     score_from_training: bool = False
     fit_sample: int = 1_000_000
     score_batch_size: int = 256
@@ -167,6 +169,10 @@ class PretrainConfig:
             raise ValueError(f"unknown ranking {self.ranking!r}; choose global or balanced")
         if self.clip_views not in ("auto", "plain", "cross"):
             raise ValueError(f"unknown --clip-views {self.clip_views!r}; choose auto, plain or cross")
+        if self.risky_loss not in ("auto", "unimodal", "none"):
+            raise ValueError(f"unknown --risky-loss {self.risky_loss!r}; choose auto, unimodal or none")
+        if self.dedup_tau is not None and not 0 <= self.dedup_tau <= 1:
+            raise ValueError(f"--dedup-tau must be between 0 (off) and 1, got {self.dedup_tau}")
         if self.score_dtype not in DTYPES:
             raise ValueError(f"unknown score dtype {self.score_dtype!r}; choose float16 or float32")
         if self.keep < 1:
