@@ -73,7 +73,8 @@ def pretrain(
     clip_views: str = typer.Option(P.clip_views, help=HELP["clip_views"]),
     risky_loss: str = typer.Option(P.risky_loss, help=HELP["risky_loss"]),
     dedup_tau: Optional[float] = typer.Option(None, help=HELP["dedup_tau"]),
-    score_from_training: bool = typer.Option(False, help=HELP["score_from_training"]),
+    score_from_training: Optional[bool] = typer.Option(None, "--score-from-training/--score-separately",
+                                                     help=HELP["score_from_training"]),
     temperature: float = typer.Option(W.temperature, help="Temperature of the unimodal InfoNCE loss."),
     memory_bank: Optional[int] = typer.Option(None, help=f"NNCLR memory bank per modality; 0 = in-batch "
                                                          f"[{W.memory_bank}]."),

@@ -344,3 +344,22 @@ def test_a_new_defense_is_one_registered_class(full_run, pairs_dir, tmp_path, mo
     assert len(safe_keys(run / "splits" / "epoch=2")) == 180
     assert set(seen) == {"plain:clip", "views:unimodal"}
     assert all(r["pairs"] == 200 and r["steps_clip"] >= 1 and r["steps_unimodal"] >= 1 for r in records)
+
+
+def test_resplit_trains_plain_clip_on_each_epochs_safe_set_only(full_run, pairs_dir, tmp_path, monkeypatch):
+    """The resplit defense: split to the fixed share every epoch (near-duplicates grouped),
+    plain CLIP on the safe set, the risky set left out, later splits scored from training."""
+    run_full, _ = full_run
+    seen = record_batch_kinds(monkeypatch)
+    run = tmp_path / "resplit"
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), "--defense", "resplit", *ARGS,
+                                 "--warmup-from", str(run_full / "warmup.pt")])
+    assert result.exit_code == 0, result.output
+    records = metrics(run)[2:]
+    assert set(seen) == {"plain:clip"}
+    assert [r["n_safe"] for r in records] == [170, 170] and all(r["steps_unimodal"] == 0 for r in records)
+    assert all(r["pairs"] == 170 for r in records)  # the risky 30 are not trained on
+    assert [r.get("scored_by") for r in records] == ["separate pass", "training pass"]
+    for epoch in (2, 3):
+        manifest = json.loads((run / "splits" / f"epoch={epoch}" / "split.json").read_text())
+        assert manifest["dedup"]["tau"] == 0.9999 and manifest["schedule"]["fraction"] == 0.85

@@ -60,6 +60,7 @@ class Defense:
     default_schedule: ClassVar[str | None] = None
     cross_views_by_default: ClassVar[bool] = False   # what --clip-views auto means
     scores_from_training: ClassVar[bool] = False     # accepts --score-from-training
+    default_score_from_training: ClassVar[bool] = False
     default_risky_loss: ClassVar[str] = "none"       # what --risky-loss auto means
     default_dedup: ClassVar[float] = 0.0             # what --dedup-tau means when not given
 
@@ -85,6 +86,12 @@ class Defense:
         return self.default_risky_loss if loss == "auto" else loss
 
     @property
+    def score_from_training(self) -> bool:
+        """Whether later splits reuse the training pass's embeddings (stages/scoring.py)."""
+        given = self.config.score_from_training
+        return self.default_score_from_training if given is None else given
+
+    @property
     def trains_unimodal(self) -> bool:
         """Whether some stream takes the unimodal loss (the NNCLR memory banks carry on)."""
         return self.risky_loss == "unimodal"
@@ -102,7 +109,7 @@ class Defense:
 
     def validate(self) -> None:
         """Raise ValueError for settings this defense cannot run with."""
-        if self.config.score_from_training and not self.scores_from_training:
+        if self.score_from_training and not self.scores_from_training:
             raise ValueError(f"--score-from-training does not apply to --defense {self.name}")
         if self.warms_up:
             self.config.warmup.validate()

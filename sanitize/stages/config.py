@@ -131,7 +131,7 @@ class PretrainConfig:
     clip_views: str = "auto"
     risky_loss: str = "auto"             # auto: the defense's own (unimodal for safeclip)
     dedup_tau: float | None = None       # None: the defense's own; 0: no near-duplicate grouping
-    score_from_training: bool = False
+    score_from_training: bool | None = None  # None: the defense's own
     fit_sample: int = 1_000_000
     score_batch_size: int = 256
     score_dtype: str = "float16"
