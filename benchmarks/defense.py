@@ -39,8 +39,8 @@ from typing import TextIO
 
 from sanitize.io.artifacts import Run, kinds_by_key, poison_manifest_path, warmup_finished  # noqa: F401
 
-from cells import (ATTACK_OPTIONS, ATTACKS, DEFAULT_EPOCHS, DEFENSE_OPTIONS, DEFENSES, VARIANTS,  # noqa: F401
-                   cell_name, run_folder)
+from cells import (ATTACKS, DATASETS, DEFAULT_DATA, DEFAULT_EPOCHS, DEFENSE_OPTIONS, DEFENSES, NOISE_ROW,  # noqa
+                   SWEEP, VARIANTS, attack_steps, cell_name, run_folder, split_attack)
 
 def safeclip() -> list[str]:
     exe = shutil.which("safeclip")
@@ -62,9 +62,11 @@ def run(args: list[str], log: list[dict], cached: bool = False, output: TextIO |
     log.append({"command": shown, "seconds": round(time.perf_counter() - start, 1)})
 
 
-def ensure_data(work: Path, log: list[dict], output: TextIO | None = None) -> Path:
-    data = work / "fm"
-    run(["data", "fashion-mnist", "--out", str(data), "--noise", "0.03", "--seed", "0"], log,
+def ensure_data(work: Path, log: list[dict], output: TextIO | None = None, variant: str = DEFAULT_DATA) -> Path:
+    spec = DATASETS[variant]
+    data = work / ("fm" if variant == DEFAULT_DATA else f"fm-{variant}")
+    size = ["--train-size", str(spec["train_size"])] if spec["train_size"] else []
+    run(["data", "fashion-mnist", "--out", str(data), "--noise", str(spec["noise"]), "--seed", "0", *size], log,
         cached=(data / "test" / "sizes.json").exists(), output=output)
     probe = work / "probe"  # 10k clean train images for the linear probe (keys as in fm/train)
     run(["data", "fashion-mnist", "--out", str(probe), "--noise", "0", "--seed", "1",
@@ -76,11 +78,11 @@ def ensure_data(work: Path, log: list[dict], output: TextIO | None = None) -> Pa
 def ensure_poisoned(work: Path, data: Path, attack: str, log: list[dict], output: TextIO | None = None) -> Path:
     out = work / "poisoned" / attack
     cached = poison_manifest_path(out).exists()
-    steps = list(ATTACK_OPTIONS) if attack == "all" else [attack]
+    steps = attack_steps(attack)
     src = data / "train"
-    for i, step in enumerate(steps):
+    for i, (_, step_options) in enumerate(steps):
         target = out if i == len(steps) - 1 else work / "poisoned" / f"{attack}.step{i}"
-        options = [o.format(data=data) for o in ATTACK_OPTIONS[step]]
+        options = [o.format(data=data) for o in step_options]
         run(["poison", str(src), "--out", str(target), "--seed", str(i), *options], log, cached=cached,
             output=output)
         src = target
@@ -180,7 +182,7 @@ def run_cell(work: Path, attack: str, defense: str, epochs: int, output: TextIO 
     `pretrain_args`: more pretrain options (`--workers 4`), recorded with the command."""
     log: list[dict] = []
     start = time.perf_counter()
-    data = ensure_data(work, log, output)
+    data = ensure_data(work, log, output, split_attack(attack)[1])
     poisoned = ensure_poisoned(work, data, attack, log, output)
     run_dir = run_folder(work, attack, defense, epochs)
     long_run = epochs != DEFAULT_EPOCHS
@@ -263,13 +265,13 @@ def run_parallel(work: Path, cells: list[tuple[str, str]], epochs: int, jobs: in
     logs.mkdir(parents=True, exist_ok=True)
     # Each job gets its share of the cores: pretrain and eval read OMP_NUM_THREADS.
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    with open(logs / "data.log", "a") as output:
-        data = ensure_data(work, [], output)
     attacks = sorted({a for a, _ in cells})
+    with open(logs / "data.log", "a") as output:
+        data = {variant: ensure_data(work, [], output, variant) for variant in {split_attack(a)[1] for a in attacks}}
 
     def poison(attack: str) -> None:
         with open(logs / f"poison_{attack}.log", "a") as output:
-            ensure_poisoned(work, data, attack, [], output)
+            ensure_poisoned(work, data[split_attack(attack)[1]], attack, [], output)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(poison, attacks))  # an attack that cannot be made stops the batch
@@ -331,7 +333,7 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="list the cells and which are done")
     parser.add_argument("--table", action="store_true", help="write docs/results.md from the cached cells")
     args = parser.parse_args()
-    cells = [(a, d) for a in ATTACKS for d in DEFENSES + VARIANTS]
+    cells = [(a, d) for a in ATTACKS + SWEEP + NOISE_ROW for d in DEFENSES + VARIANTS]
     if args.list:
         for attack, defense in cells:
             done = (args.work / "results" / f"{cell_name(attack, defense, args.epochs)}.json").exists()

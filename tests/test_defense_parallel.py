@@ -50,7 +50,7 @@ def fake_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     cell records when it started, and wanet:none raises."""
     record: dict = {"started": {}, "warmup_done": {}, "threads": set()}
     lock = threading.Lock()
-    monkeypatch.setattr(defense, "ensure_data", lambda work, log, output=None: work / "fm")
+    monkeypatch.setattr(defense, "ensure_data", lambda work, log, output=None, variant="60k": work / "fm")
     monkeypatch.setattr(defense, "ensure_poisoned",
                         lambda work, data, attack, log, output=None: work / "poisoned" / attack)
 
