@@ -76,3 +76,15 @@ def test_split_with_dedup_admits_one_copy(tmp_path):
                                     "left_safe_set": 20}
     written = json.loads((tmp_path / "dedup" / "split.json").read_text())
     assert written["dedup"]["left_safe_set"] == 20 and "dedup" not in plain.extra
+
+
+def test_hash_buckets_find_the_same_groups_at_scale(tmp_path):
+    """Beyond the exact search's limit, SimHash buckets find the copies and the near-copy too."""
+    image, similarity = _data(n=2000, copies=20)
+    _write(tmp_path / "emb", image, similarity)
+    path = [str(tmp_path / "emb" / "00000.parquet")]
+    exact = find_groups(path, len(image))
+    hashed = find_groups(path, len(image), exact_limit=100)
+    assert hashed.summary() == exact.summary() == {"tau": 0.9999, "groups": 1, "pairs_in_groups": 21,
+                                                   "largest_group": 21}
+    assert (hashed.labels >= 0).tolist() == (exact.labels >= 0).tolist()

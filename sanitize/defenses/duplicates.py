@@ -30,6 +30,10 @@ from .balance import BATCH_ROWS, vectors_to_numpy
 
 DEFAULT_TAU = 0.9999
 NEIGHBOURS = 32          # a group larger than this is still found whole: components join through members
+# Up to this many pairs the search is exact (faiss flat inner product: time grows with the square
+# of the pairs, about a minute at 1M on 2 cores); beyond, pairs are bucketed by SimHash codes.
+EXACT_LIMIT = 1_000_000
+HASH_TABLES, HASH_BITS = 4, 64
 
 
 @dataclass
@@ -50,32 +54,33 @@ class Groups:
                 "largest_group": int(sizes.max()) if sizes.size else 0}
 
 
-def _image_embeddings(paths: Sequence[str], n_rows: int, track: Callable) -> np.ndarray:
-    parts = []
-    for path in track(paths, len(paths), "reading image embeddings"):
+def _image_batches(paths: Sequence[str], track: Callable, description: str):
+    for path in track(paths, len(paths), description):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=["image_emb"]):
-            parts.append(vectors_to_numpy(batch.column("image_emb"), f"{path} image_emb"))
-    x = np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
-    if len(x) != n_rows:
-        raise ValueError(f"near-duplicate groups: {len(x)} image embeddings for {n_rows} pairs")
-    return x
+            yield vectors_to_numpy(batch.column("image_emb"), f"{path} image_emb")
 
 
-def find_groups(paths: Sequence[str], n_rows: int, tau: float = DEFAULT_TAU,
-                track: Callable = lambda items, total, description: items) -> Groups:
-    """Near-duplicate image groups of the pairs in the embedding files `paths`, in row order."""
-    import faiss
+def _centred(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    x = x - mean
+    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+
+
+def _components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Group labels from the edges of the duplicate graph: -1 for a pair with no edge."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    if not 0 < tau <= 1:
-        raise ValueError(f"duplicate threshold tau must be in (0, 1], got {tau}")
-    x = _image_embeddings(paths, n_rows, track)
-    if len(x) < 2:
-        return Groups(np.full(len(x), -1, np.int64), tau)
-    x -= x.mean(axis=0)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+    keep = rows != cols
+    graph = coo_matrix((np.ones(int(keep.sum()), np.int8), (rows[keep], cols[keep])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    sizes = np.bincount(component)
+    return np.where(sizes[component] > 1, component, -1).astype(np.int64)
+
+
+def _exact_edges(x: np.ndarray, tau: float, track: Callable) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair within each row's NEIGHBOURS nearest at inner product >= tau (faiss, exact)."""
+    import faiss
+
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     k = min(NEIGHBOURS, len(x))
@@ -85,14 +90,54 @@ def find_groups(paths: Sequence[str], n_rows: int, tau: float = DEFAULT_TAU,
         r, c = np.nonzero((sims >= tau) & (nbrs >= 0))
         rows.append(r + start)
         cols.append(nbrs[r, c])
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
-    keep = rows != cols
-    rows, cols = rows[keep], cols[keep]
-    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(len(x), len(x)))
-    _, component = connected_components(graph, directed=False)
-    sizes = np.bincount(component)
-    labels = np.where(sizes[component] > 1, component, -1).astype(np.int64)
-    return Groups(labels, tau)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+def _hash_edges(paths: Sequence[str], mean: np.ndarray, dim: int, seed: int, track: Callable
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs that share a SimHash code (signs of HASH_BITS random projections) in any of
+    HASH_TABLES tables: copies always do; two vectors at inner product tau share one table's
+    code with probability (1 - arccos(tau)/pi)^HASH_BITS (0.75 at tau 0.9999), so at least one
+    of four with probability 0.996. Unrelated pairs collide about once in 2^64: no check."""
+    planes = np.random.default_rng(seed).standard_normal((dim, HASH_TABLES * HASH_BITS)).astype(np.float32)
+    weights = (np.uint64(1) << np.arange(HASH_BITS, dtype=np.uint64))
+    codes = []
+    for x in _image_batches(paths, track, "hashing image embeddings"):
+        bits = (_centred(x, mean) @ planes > 0).reshape(len(x), HASH_TABLES, HASH_BITS)
+        codes.append((bits.astype(np.uint64) * weights).sum(axis=2, dtype=np.uint64))
+    codes = np.concatenate(codes)
+    rows, cols = [], []
+    for table in range(HASH_TABLES):
+        order = np.argsort(codes[:, table], kind="stable")
+        same = codes[order[1:], table] == codes[order[:-1], table]
+        rows.append(order[1:][same])
+        cols.append(order[:-1][same])  # a chain through each bucket joins it into one component
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+def find_groups(paths: Sequence[str], n_rows: int, tau: float = DEFAULT_TAU, seed: int = 0,
+                track: Callable = lambda items, total, description: items, exact_limit: int = EXACT_LIMIT
+                ) -> Groups:
+    """Near-duplicate image groups of the pairs in the embedding files `paths`, in row order:
+    exact search up to `exact_limit` pairs, SimHash buckets beyond (the memory and time then
+    grow linearly: 8 bytes per pair and table)."""
+    if not 0 < tau <= 1:
+        raise ValueError(f"duplicate threshold tau must be in (0, 1], got {tau}")
+    total, count, dim = None, 0, 0
+    for x in _image_batches(paths, track, "averaging image embeddings"):
+        total = x.sum(axis=0, dtype=np.float64) if total is None else total + x.sum(axis=0, dtype=np.float64)
+        count, dim = count + len(x), x.shape[1]
+    if count != n_rows:
+        raise ValueError(f"near-duplicate groups: {count} image embeddings for {n_rows} pairs")
+    if count < 2:
+        return Groups(np.full(count, -1, np.int64), tau)
+    mean = (total / count).astype(np.float32)
+    if count <= exact_limit:
+        x = _centred(np.concatenate(list(_image_batches(paths, track, "reading image embeddings"))), mean)
+        rows, cols = _exact_edges(x, tau, track)
+    else:
+        rows, cols = _hash_edges(paths, mean, dim, seed, track)
+    return Groups(_components(count, rows, cols), tau)
 
 
 def one_per_group(order: np.ndarray, labels: np.ndarray, n_safe: int) -> tuple[np.ndarray, int]:

@@ -368,7 +368,7 @@ def _fit_and_rank(files: list[EmbFile], schedule: Schedule, epoch: int, fit_samp
     warnings.extend(ranked.warnings)
     order, extra = ranked.order, dict(ranked.manifest)
     if dedup:  # at most one pair of each near-duplicate image group in the safe set (defenses/duplicates.py)
-        groups = find_groups([f.path for f in files], n, dedup, track)
+        groups = find_groups([f.path for f in files], n, dedup, seed=seed, track=track)
         order, moved = one_per_group(order, groups.labels, plan.n_safe)
         extra["dedup"] = {**groups.summary(), "left_safe_set": moved}
     rank = np.empty(n, dtype=np.int64)
