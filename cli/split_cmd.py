@@ -53,6 +53,10 @@ def split(
     cluster_sample: int = typer.Option(None, "--cluster-sample", help="Balanced ranking: train k-means on a "
                                                                       "seeded sample of at most this many "
                                                                       "pairs (default 200000)."),
+    dedup_tau: float = typer.Option(0.0, "--dedup-tau", min=0.0, max=1.0,
+                                    help="Near-duplicate images (centred image-embedding cosine >= TAU, e.g. "
+                                         "0.9999) keep at most one pair in the safe set, the count refilled by "
+                                         "the next-best pairs; 0 = off."),
     force: bool = typer.Option(False, "--force", help="Replace an existing split in OUT."),
 ) -> None:
     """Split embedded pairs into safe and risky partitions (help text: HELP)."""
@@ -64,7 +68,7 @@ def split(
                                                    ("sample", cluster_sample)) if value is not None}
         result = run_split(emb, out, ratio_schedule, epoch=epoch, fit_sample=fit_sample, seed=seed,
                            previous=previous, ranking=ranking, ranking_options=options, force=force,
-                           track=progress)
+                           track=progress, dedup=dedup_tau or None)
     for message in result.warnings:
         warn(message)
     m = result.manifest
