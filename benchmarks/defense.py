@@ -170,8 +170,8 @@ def asr_by_epoch(run_dir: Path, data: Path, poisoned: Path, log: list[dict],
 
 
 def shares_warmup(defense: str) -> bool:
-    """Defenses that take their attack's safeclip warm-up (`--warmup-from`) instead of
-    training their own: every warm-up defense but safeclip itself."""
+    """Defenses that take their attack's finished safeclip (or resplit) warm-up (`--warmup-from`)
+    instead of training their own: every warm-up defense but safeclip itself."""
     return defense not in ("none", "safeclip")
 
 
@@ -191,8 +191,11 @@ def run_cell(work: Path, attack: str, defense: str, epochs: int, output: TextIO 
              *pretrain_args]
     # The warm-up depends on the data and the preset only: the other warm-up defenses of
     # an attack take the safeclip cell's (identical) warm-up instead of training it again.
-    shared = Run(run_folder(work, attack, "safeclip", epochs)).warmup
-    shared_warmup = shares_warmup(defense) and warmup_finished(shared)
+    # the safeclip cell's warm-up, else the resplit cell's: the same settings, so the same file
+    finished = [Run(run_folder(work, attack, d, epochs)).warmup for d in ("safeclip", "resplit") if d != defense]
+    finished = [w for w in finished if warmup_finished(w)]
+    shared = finished[0] if finished else Run(run_folder(work, attack, "safeclip", epochs)).warmup
+    shared_warmup = shares_warmup(defense) and bool(finished)
     if shared_warmup:
         train += ["--warmup-from", str(shared)]
     if Run(run_dir).stats.exists():  # finished earlier: evaluate again only
