@@ -1,4 +1,4 @@
-"""`safeclip pretrain`: the full SafeCLIP loop (warm-up, then score -> split -> train every epoch)."""
+"""`safeclip pretrain`: warm-up, then score -> split -> train every epoch, with the chosen defense."""
 
 from __future__ import annotations
 
@@ -19,12 +19,15 @@ CONFIG_OPTIONS = ("defense", "model", "pretrained", "epochs", "unimodal_epochs",
                   "precision", "grad_clip", "local_loss", "fit_sample", "keep", "eval_every", "eval_test",
                   "eval_classes", "seed")
 HELP = {
-    "defense": "safeclip (the full loop); none (plain CLIP on every pair, no warm-up, never splits: the "
-               "baseline); clip-score (warm-up, one split with a fixed fraction/threshold, CLIP on that safe "
-               "set only).",
+    "defense": "resplit (the default: warm-up, then every epoch re-split to 85% safe with near-duplicate "
+               "images grouped, plain CLIP on the safe set, the risky rest left out); safeclip (the paper's "
+               "loop: growing safe share from the first split, cross-augmented CLIP on the safe set and the "
+               "unimodal loss on the risky set; --preset paper picks it); none (plain CLIP on every pair, no "
+               "warm-up, never splits: the baseline); clip-score (warm-up, one split with a fixed "
+               "fraction/threshold, CLIP on that safe set only). [resplit]",
     "clip_views": "What the CLIP loss trains on: cross (SafeCLIP's cross-augmented loss on two augmented views), "
                   "plain (CLIP on the image and caption as they are; half the work), auto (cross for safeclip, "
-                  "plain for the none/clip-score baselines, as in the paper).",
+                  "plain for resplit and the none/clip-score baselines).",
     "score_from_training": "Score each split from the embeddings the previous epoch's training pass computed "
                            "for the pairs it trained as plain pairs, and a no-grad pass over the rest only, "
                            "instead of a no-grad pass over every pair.",
@@ -35,8 +38,8 @@ HELP = {
     "warmup_from": "Take phases 1-2 from this finished warm-up checkpoint (`safeclip warmup`'s output or another "
                    "run's RUN/warmup.pt) instead of training them; its settings must match this run's.",
     "ratio_schedule": "Split schedule, as `safeclip split`: safeclip[:threshold=T,step=S,cap=C,r0=R], "
-                      "fraction:F, threshold:T [the defense's own: safeclip for safeclip, fraction:0.3 for "
-                      "clip-score].",
+                      "fraction:F, threshold:T [the defense's own: fraction:0.85 for resplit, safeclip for "
+                      "safeclip, fraction:0.3 for clip-score].",
 }
 
 PRESET_HELP = ("Fill in every option not given: 'paper' = the official SafeCLIP defaults (RN50, batch 128 per "
@@ -53,7 +56,7 @@ def pretrain(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: warmup.pt, checkpoints/, scores/epoch=K/, "
                                                       "splits/epoch=K/, metrics.jsonl, pretrain_stats.json."),
     preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
-    defense: str = typer.Option(P.defense, help=HELP["defense"]),
+    defense: Optional[str] = typer.Option(None, help=HELP["defense"]),
     model: Optional[str] = typer.Option(None, help="open_clip architecture, shipped config "
                                                    "(safeclip-tiny-vit, safeclip-small-vit) or config .json."),
     pretrained: Optional[str] = typer.Option(None, help="Local open_clip weights to start from, for "
@@ -101,11 +104,14 @@ def pretrain(
                                             "(its saved settings are used)."),
     overwrite: bool = typer.Option(False, help="Delete an existing run folder at --out first."),
 ) -> None:
-    """SafeCLIP training: warm-up, then split and train every epoch.
+    """Defended CLIP training: warm-up, then split and train every epoch.
 
-    Unimodal + low-LR CLIP warm-up, then every epoch score all pairs, split them with the ratio
-    schedule into OUT/splits/epoch=K/, and train the safe set with the cross-augmented CLIP loss
-    and the risky set with the unimodal loss (batches of the two interleaved in proportion).
+    Unimodal + low-LR CLIP warm-up, then every epoch score all pairs, split them into
+    OUT/splits/epoch=K/ and train. The default defense (resplit) keeps the 85% most similar
+    pairs as the safe set (at most one pair per near-duplicate image group) and trains plain
+    CLIP on it alone; --defense safeclip (or --preset paper) runs the paper's loop: a safe
+    share growing from the first split, cross-augmented CLIP on it and the unimodal loss on
+    the risky set.
     Each split's mixture, separation and warnings go into OUT/metrics.jsonl; the summary
     repeats the warnings. Runs under torchrun (DDP; gloo on CPU, NCCL on GPU).
     """

@@ -25,6 +25,7 @@ runner = CliRunner()
 # 200 pairs in 2 shards of 100, batch 32: 7 steps per epoch; 1 unimodal + 1 CLIP + 2 split epochs.
 ARGS = ["--epochs", "4", "--unimodal-epochs", "1", "--clip-epochs", "1", "--batch-size", "32", "--lr", "2e-3",
         "--memory-bank", "64", "--seed", "0", "--threads", "1", "--workers", "0"]
+PAPER = ["--defense", "safeclip"]  # the paper's loop; the default defense is resplit
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def pairs_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(pairs_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("full") / "run"
-    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), *ARGS,
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), *PAPER, *ARGS,
                                  "--eval-every", "1", "--eval-test", str(pairs_dir)])
     assert result.exit_code == 0, result.output
     return run, result.output
@@ -117,7 +118,7 @@ def test_resume_after_kill_matches_uninterrupted(full_run, pairs_dir, tmp_path, 
     hooks = pretrain_mod.Hooks
     monkeypatch.setattr(pretrain_mod, "Hooks", lambda **kw: hooks(**{**kw, "step": step}))
     with pytest.raises(Killed):
-        runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), *ARGS, "--eval-every", "1",
+        runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), *PAPER, *ARGS, "--eval-every", "1",
                             "--eval-test", str(pairs_dir)], catch_exceptions=False)
     monkeypatch.setattr(pretrain_mod, "Hooks", hooks)
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["epoch_0002.pt"]
@@ -184,7 +185,7 @@ def test_safeclip_trains_cross_views_unless_told_plain(full_run, pairs_dir, tmp_
     run_full, _ = full_run
     seen = record_batch_kinds(monkeypatch)
     run = tmp_path / "adopted"
-    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), *ARGS, "--eval-every", "1",
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), *PAPER, *ARGS, "--eval-every", "1",
                                  "--eval-test", str(pairs_dir), "--warmup-from", str(run_full / "warmup.pt")])
     assert result.exit_code == 0, result.output
     assert set(seen) == {"views:clip", "views:unimodal"}
@@ -195,7 +196,7 @@ def test_safeclip_trains_cross_views_unless_told_plain(full_run, pairs_dir, tmp_
 
     seen.clear()
     plain = tmp_path / "plain"
-    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(plain), *ARGS, "--clip-views", "plain",
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(plain), *PAPER, *ARGS, "--clip-views", "plain",
                                  "--warmup-from", str(run_full / "warmup.pt")])
     assert result.exit_code == 0, result.output
     assert set(seen) == {"plain:clip", "views:unimodal"}
@@ -230,7 +231,7 @@ def test_clip_score_and_score_from_training(pairs_dir, tmp_path):
     # trained as plain pairs (the safe set, --clip-views plain) and a no-grad pass over the rest
     run = tmp_path / "sft"
     result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), "--score-from-training",
-                                 "--clip-views", "plain", *ARGS])
+                                 "--clip-views", "plain", *PAPER, *ARGS])
     assert result.exit_code == 0, result.output
     records = metrics(run)
     assert [r.get("scored_by") for r in records[2:]] == ["separate pass", "training pass"]
@@ -253,7 +254,7 @@ def test_scores_from_training_equal_the_scoring_pass_without_learning(pairs_dir,
     for name, extra in (("separate", []), ("training", ["--score-from-training"])):
         runs[name] = tmp_path / name
         result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(runs[name]), "--clip-views", "plain",
-                                     "--epochs", "4", *slow[2:], *extra])
+                                     "--epochs", "4", *PAPER, *slow[2:], *extra])
         assert result.exit_code == 0, result.output
     tables = {name: pq.read_table(sorted((run / "scores" / "epoch=3").glob("*.parquet"))).sort_by("key")
               for name, run in runs.items()}
@@ -303,7 +304,7 @@ def test_torchrun_two_processes_split_equals_single_process(pairs_dir, tmp_path)
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "cli.main", "pretrain", str(pairs_dir), "--out", str(run), "--epochs", "3",
-                           *ARGS[2:]], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+                           *PAPER, *ARGS[2:]], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "pretrain done (safeclip): 3 epochs" in proc.stdout
     record = metrics(run)[-1]
@@ -347,14 +348,15 @@ def test_a_new_defense_is_one_registered_class(full_run, pairs_dir, tmp_path, mo
 
 
 def test_resplit_trains_plain_clip_on_each_epochs_safe_set_only(full_run, pairs_dir, tmp_path, monkeypatch):
-    """The resplit defense: split to the fixed share every epoch (near-duplicates grouped),
+    """The default defense, resplit: split to the fixed share every epoch (near-duplicates grouped),
     plain CLIP on the safe set, the risky set left out, later splits scored from training."""
     run_full, _ = full_run
     seen = record_batch_kinds(monkeypatch)
     run = tmp_path / "resplit"
-    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), "--defense", "resplit", *ARGS,
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), *ARGS,
                                  "--warmup-from", str(run_full / "warmup.pt")])
     assert result.exit_code == 0, result.output
+    assert "pretrain done (resplit)" in result.output
     records = metrics(run)[2:]
     assert set(seen) == {"plain:clip"}
     assert [r["n_safe"] for r in records] == [170, 170] and all(r["steps_unimodal"] == 0 for r in records)
@@ -363,3 +365,12 @@ def test_resplit_trains_plain_clip_on_each_epochs_safe_set_only(full_run, pairs_
     for epoch in (2, 3):
         manifest = json.loads((run / "splits" / f"epoch={epoch}" / "split.json").read_text())
         assert manifest["dedup"]["tau"] == 0.9999 and manifest["schedule"]["fraction"] == 0.85
+
+
+def test_default_defense_is_resplit_and_the_paper_preset_runs_the_papers_loop():
+    from sanitize.stages.config import PretrainConfig
+
+    assert PretrainConfig.from_options().defense == "resplit"
+    assert PretrainConfig.from_options("cpu").defense == "resplit"
+    assert PretrainConfig.from_options("paper").defense == "safeclip"
+    assert PretrainConfig.from_options("paper", defense="resplit").defense == "resplit"  # options win
