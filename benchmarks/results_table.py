@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cells import ATTACKS, DEFENSES, VARIANTS, cell_name
+from cells import ATTACKS, DATASETS, DEFENSES, NOISE_ROW, SWEEP, TB_COUNTS, VARIANTS, cell_name
 
 ALL_DEFENSES = DEFENSES + VARIANTS
 # An attack "took" when its ASR is at least this far above the no-trigger rate.
@@ -145,6 +145,8 @@ def long_runs(results: Path, docs: Path) -> tuple[dict[int, dict], list[str]]:
     by_epochs: dict[int, dict] = {}
     for path in sorted(results.glob("*__*_epochs.json")):
         cell = json.loads(path.read_text())
+        if cell["attack"] not in ATTACKS:
+            continue  # a data variant (tb@20k, ...): the size sweep's section
         by_epochs.setdefault(cell["epochs"], {})[(cell["attack"], cell["defense"])] = cell
         (docs / "results" / path.name).write_text(path.read_text())
     if not by_epochs:
@@ -176,12 +178,98 @@ def long_runs(results: Path, docs: Path) -> tuple[dict[int, dict], list[str]]:
     return by_epochs, lines + [""]
 
 
+def _first_split(cell: dict) -> str:
+    """Safe share and what leaked into it at the first and last split of a run."""
+    leaks = cell.get("safe_leaks") or []
+    if not leaks:
+        return "–"
+
+    def one(entry: dict) -> str:
+        bad = ", ".join(f"{n} {k}" for k, n in sorted(entry["not_clean"].items()) if k != "noise" and n)
+        return f"{entry['safe']:,} ({bad or 'no poison'})"
+    return one(leaks[0]) if len(leaks) == 1 else f"{one(leaks[0])} → {one(leaks[-1])}"
+
+
+def variant_cells(results: Path, docs: Path) -> dict[tuple[str, str, int], dict]:
+    """The cells of the data variants (attack `tb@SIZE`): the size sweep, the noise row and the
+    decomposition's ablations, keyed (attack, defense, epochs); each JSON copied to docs."""
+    found = {}
+    for path in sorted(results.glob("*@*__*.json")):
+        cell = json.loads(path.read_text())
+        found[(cell["attack"], cell["defense"], cell["epochs"])] = cell
+        (docs / "results" / path.name).write_text(path.read_text())
+    return found
+
+
+def variant_row(cell: dict) -> str:
+    attack, defense, epochs = cell["attack"], cell["defense"], cell["epochs"]
+    ev = cell["eval"]
+    data = attack.split("@", 1)[1]
+    name = cell_name(attack, defense, epochs)
+    return (f"| {data} | {defense} | {epochs} | {_pct(ev['zero_shot']['top1'])} | {attack_success(cell)} "
+            f"| {_first_split(cell)} | {train_time(cell)} | [json](results/{name}.json) |")
+
+
+def sweep_lines(cells: dict[tuple[str, str, int], dict]) -> list[str]:
+    """The size sweep, the noise row and the 20k decomposition as one table, sorted by data."""
+    if not cells:
+        return []
+    order = {a: i for i, a in enumerate(SWEEP + tuple(a for a in NOISE_ROW if a not in SWEEP))}
+    rows = [variant_row(c) for _, c in sorted(cells.items(), key=lambda kv: (
+        order.get(kv[0][0], 99), kv[0][2], ALL_DEFENSES.index(kv[0][1]) if kv[0][1] in ALL_DEFENSES else 99))]
+    sizes = ", ".join(f"{d}: {t} targets × 25 copies + {b} BadNet" for d, (t, b) in TB_COUNTS.items()
+                      if "noise" not in d)
+    return ["## Dataset size and caption noise", "",
+            "Targeted poisoning and BadNet in one dataset (`tb@SIZE`) at several sizes of captioned",
+            f"Fashion-MNIST ({sizes}; BadNet at about 0.5% of the pairs), and at 20k pairs with 20%",
+            "caption noise instead of 3% (`tb@20k-noise20`, closer to web data). Same `--preset cpu`,",
+            "seed and epochs for every defense of a size. Produced by",
+            "`python benchmarks/defense.py --work bench --epochs 10 --cell tb@20k:resplit` (and so on per",
+            "row). The split column: safe pairs at the first and the last split of the run and the",
+            "poisons among them (caption noise left out).", "",
+            "![zero-shot and attack success against dataset size](results_size.png)", "",
+            "| data | defense | epochs | zero-shot top-1 | attack success | safe set: first → last split "
+            "| train time | cell |", "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, ""]
+
+
+def _size_figure(cells: dict[tuple[str, str, int], dict], path: Path) -> None:
+    """Zero-shot top-1 and BadNet ASR / targets flipped against the number of pairs, per defense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    defenses = sorted({d for a, d, _ in cells if a in SWEEP}, key=lambda d: ALL_DEFENSES.index(d)
+                      if d in ALL_DEFENSES else 99)
+    for defense in defenses:
+        points = sorted(((a, c) for (a, d, _), c in cells.items() if d == defense and a in SWEEP),
+                        key=lambda ac: SWEEP.index(ac[0]))
+        if not points:
+            continue
+        sizes = [DATASETS[a.split("@")[1]]["train_size"] or 60000 for a, _ in points]
+        zero_shot = [100 * c["eval"]["zero_shot"]["top1"] for _, c in points]
+        asr = [100 * max([r["asr"] for r in c["eval"].get("backdoor") or []] or [0]) for _, c in points]
+        flipped = [c["eval"]["targeted"]["success"] if c["eval"].get("targeted") else 0 for _, c in points]
+        for ax, ys in zip(axes, (zero_shot, asr, flipped)):
+            ax.plot(sizes, ys, marker="o", label=defense)
+    for ax, title in zip(axes, ("clean zero-shot top-1 (%)", "BadNet ASR (%)", "targets flipped")):
+        ax.set_xscale("log")
+        ax.set_xlabel("pairs")
+        ax.set_title(title)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_results(results: Path, docs: Path) -> None:
     """Write docs/results.md + results.png, and copy each cell's JSON (commands, timings,
     full eval output) to docs/results/ so the table's sources are committed with it."""
     rows, cells = [], {}
     (docs / "results").mkdir(parents=True, exist_ok=True)
     long_cells, long_lines = long_runs(results, docs)
+    variants = variant_cells(results, docs)
     long_attacks = {a for c in long_cells.values() for a, _ in c}
     for attack in ("all",) + tuple(a for a in ATTACKS if a != "all"):  # the all-attacks row first
         for defense in ALL_DEFENSES:
@@ -248,6 +336,7 @@ def write_results(results: Path, docs: Path) -> None:
         *rows,
         "",
         *long_lines,
+        *sweep_lines(variants),
         *(["## Detection per attack at the first split", "",
            "Where each kind of pair went at the first split of a run (`safeclip eval --split`): in the",
            "risky set out of all, AUROC of `p_clean` against clean pairs, and the largest safe share that",
@@ -267,6 +356,8 @@ def write_results(results: Path, docs: Path) -> None:
     (docs / "results.md").write_text("\n".join(lines))
     if cells:
         _figure(cells, docs / "results.png")
+    if any(a in SWEEP for a, _, _ in variants):
+        _size_figure(variants, docs / "results_size.png")
     with_histogram = [c for c in cells.values() if c.get("similarity_histogram")]
     if with_histogram:
         # the cell with the most kinds of poison (the all-attacks one when it has run)
