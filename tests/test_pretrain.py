@@ -365,6 +365,7 @@ def test_resplit_trains_plain_clip_on_each_epochs_safe_set_only(full_run, pairs_
     for epoch in (2, 3):
         manifest = json.loads((run / "splits" / f"epoch={epoch}" / "split.json").read_text())
         assert manifest["dedup"]["tau"] == 0.9999 and manifest["schedule"]["fraction"] == 0.85
+        assert not any("--previous" in w for w in manifest["warnings"])  # a fixed share has no r0 to carry
 
 
 def test_default_defense_is_resplit_and_the_paper_preset_runs_the_papers_loop():

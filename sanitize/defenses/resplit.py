@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .base import Defense, SplitRequest, Stream, register
 from .duplicates import DEFAULT_TAU
+from .schedule import parse_schedule
 
 
 @register
@@ -28,8 +29,9 @@ class Resplit(Defense):
 
     def split_for(self, epoch):
         k = epoch - self.warm_epochs
+        grows = parse_schedule(self.schedule).kind == "safeclip"  # only that schedule carries r0 over
         return SplitRequest(at=epoch, schedule=self.schedule, schedule_epoch=k, ranking=self.config.ranking,
-                            previous=self.warm_epochs if k > 0 else None,
+                            previous=self.warm_epochs if k > 0 and grows else None,
                             from_training=self.score_from_training and k > 0, dedup=self.dedup)
 
     def streams(self, epoch, split):

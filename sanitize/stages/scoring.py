@@ -100,14 +100,14 @@ def scores_from_training(kept: dict[str, tuple[np.ndarray, np.ndarray]], previou
             table = pq.read_table(path)
             image = vectors_to_numpy(table.column("image_emb"), f"{path.name}: image_emb")
             text = vectors_to_numpy(table.column("text_emb"), f"{path.name}: text_emb")
-            found = dict(kept)
+            scored_now: dict = {}  # this file's pairs the no-grad pass embedded (never a copy of `kept`)
             if (rest.root / path.name).exists():
                 scored = pq.read_table(rest.root / path.name, columns=["key", "image_emb", "text_emb"])
-                found.update(zip(scored.column("key").to_pylist(),
-                                 zip(vectors_to_numpy(scored.column("image_emb"), "image_emb"),
-                                     vectors_to_numpy(scored.column("text_emb"), "text_emb"))))
+                scored_now = dict(zip(scored.column("key").to_pylist(),
+                                      zip(vectors_to_numpy(scored.column("image_emb"), "image_emb"),
+                                          vectors_to_numpy(scored.column("text_emb"), "text_emb"))))
             for row, key in enumerate(table.column("key").to_pylist()):
-                image[row], text[row] = found[key]
+                image[row], text[row] = kept[key] if key in kept else scored_now[key]
             for name, column in embedding_columns(image, text, dtype).items():
                 table = table.set_column(table.schema.get_field_index(name), name, column)
             write_embedding_file(table, out.root / path.name)
