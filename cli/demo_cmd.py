@@ -25,6 +25,9 @@ def demo(
     ratio_schedule: str = typer.Option(DEFAULTS.schedule, "--ratio-schedule", "-r",
                                        help="How many pairs the split makes safe (see `safeclip split "
                                             "--help`; safeclip = the paper's first-split rule)."),
+    dedup_tau: float = typer.Option(DEFAULTS.dedup_tau, help="Near-duplicate images (centred image-embedding "
+                                                             "cosine >= TAU) keep at most one pair in the safe "
+                                                             "set, as pretrain's default defense; 0 = off."),
     workers: int = typer.Option(DEFAULTS.workers, help="DataLoader workers for embedding."),
     threads: int = typer.Option(0, help="torch threads for the warm-up; 0 = one per core but one. The "
                                         "numbers depend a little on it (floating-point order)."),
@@ -39,7 +42,8 @@ def demo(
     from sanitize.stages.demo import run_demo
 
     config = DemoConfig(out=str(out), seed=seed, unimodal_epochs=unimodal_epochs, clip_epochs=clip_epochs,
-                        clip_lr_scale=clip_lr_scale, schedule=ratio_schedule, workers=workers,
+                        clip_lr_scale=clip_lr_scale, schedule=ratio_schedule, dedup_tau=dedup_tau,
+                        workers=workers,
                         threads=threads or None)
     stages = {"poison": "injecting BadNet + targeted poisons", "warmup": "warming up the small model",
               "embed": "embedding every pair", "split": "splitting safe / risky", "report": "writing the report"}

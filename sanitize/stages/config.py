@@ -236,5 +236,6 @@ class DemoConfig:
     batch_size: int = 256
     lr: float = 1e-3
     schedule: str = "fraction:0.3"
+    dedup_tau: float = 0.9999        # at most one pair of each near-duplicate image group is safe, as resplit
     workers: int = 2
     threads: int | None = None      # torch threads for the warm-up; None: one per core but one

@@ -103,6 +103,8 @@ def run_demo(config: DemoConfig, on_stage: Stage = lambda name: None, force: boo
                                  seed=config.seed, num_workers=1)
     warmup_config.validate()  # bad options fail before OUT is touched
     EmbedConfig(workers=config.workers).validate()
+    if not 0 <= config.dedup_tau <= 1:
+        raise ValueError(f"--dedup-tau must be between 0 (off) and 1, got {config.dedup_tau}")
     out = Path(config.out)
     if out.exists():
         if not force:
@@ -123,6 +125,7 @@ def run_demo(config: DemoConfig, on_stage: Stage = lambda name: None, force: boo
     # 0: the thread policy (one core left to the decoding worker); the result depends on the thread count
     timed("warmup", lambda: run_warmup(str(poisoned), checkpoint, warmup_config, threads=config.threads or 0))
     timed("embed", lambda: run_embed(str(poisoned), checkpoint, emb, EmbedConfig(workers=config.workers)))
-    timed("split", lambda: split(emb, part, config.schedule, epoch=0, seed=config.seed))
+    timed("split", lambda: split(emb, part, config.schedule, epoch=0, seed=config.seed,
+                                 dedup=config.dedup_tau or None))
     timed("report", lambda: report.write_text(build_report(part)[0], encoding="utf-8"))
     return _summary(out, part, report, seconds, config.schedule)
