@@ -33,12 +33,14 @@ from pathlib import Path
 
 import torch
 
+from sanitize.io.artifacts import Run
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_MARK = ("<!-- cost table: benchmarks/cost.py -->", "<!-- end of cost table -->")
 RUN_VARIANTS = {  # name -> pretrain options beyond the common ones
     "none": ["--defense", "none"],
-    "safeclip (default)": ["--defense", "safeclip"],
-    "safeclip, cross views (paper)": ["--defense", "safeclip", "--clip-views", "cross"],
+    "resplit (default)": ["--defense", "resplit"],
+    "safeclip (the paper's loop)": ["--defense", "safeclip"],
 }
 
 
@@ -202,7 +204,7 @@ def measure_runs(source_path: str, work: Path, epochs: int, rounds: int) -> dict
             result = CliRunner().invoke(app, args)
             if result.exit_code != 0:
                 raise SystemExit(f"{name}: {result.output[-2000:]}")
-            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            records = Run(run).read_metrics()
             seconds = sum(r["seconds"] if isinstance(r["seconds"], (int, float)) else r["seconds"]["total"]
                           for r in records)
             results[name].append(seconds)

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
+from sanitize.io.pairs import SIZES_FILE
 from sanitize.io.artifacts import Run, kinds_by_key, poison_manifest_path, warmup_finished  # noqa: F401
 
 from cells import (ATTACKS, DATASETS, DEFAULT_DATA, DEFAULT_EPOCHS, DEFENSE_OPTIONS, DEFENSES, NOISE_ROW,  # noqa
@@ -67,10 +68,10 @@ def ensure_data(work: Path, log: list[dict], output: TextIO | None = None, varia
     data = work / ("fm" if variant == DEFAULT_DATA else f"fm-{variant}")
     size = ["--train-size", str(spec["train_size"])] if spec["train_size"] else []
     run(["data", "fashion-mnist", "--out", str(data), "--noise", str(spec["noise"]), "--seed", "0", *size], log,
-        cached=(data / "test" / "sizes.json").exists(), output=output)
+        cached=(data / "test" / SIZES_FILE).exists(), output=output)
     probe = work / "probe"  # 10k clean train images for the linear probe (keys as in fm/train)
     run(["data", "fashion-mnist", "--out", str(probe), "--noise", "0", "--seed", "1",
-         "--train-size", "10000", "--test-size", "10"], log, cached=(probe / "train" / "sizes.json").exists(),
+         "--train-size", "10000", "--test-size", "10"], log, cached=(probe / "train" / SIZES_FILE).exists(),
         output=output)
     return data
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from sanitize.io.artifacts import Run
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,9 +50,9 @@ def main() -> None:
     config = WarmupConfig(unimodal_epochs=args.unimodal_epochs, clip_epochs=args.clip_epochs,
                           clip_lr_scale=args.clip_lr_scale, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed, num_workers=1)
-    run_warmup(args.poisoned, out / "warmup.pt", config, threads=args.threads)
+    run_warmup(args.poisoned, out / Run.WARMUP, config, threads=args.threads)
     warmup_s = time.perf_counter() - start
-    run_embed(args.poisoned, out / "warmup.pt", out / "emb", EmbedConfig(workers=1))
+    run_embed(args.poisoned, out / Run.WARMUP, out / "emb", EmbedConfig(workers=1))
     result = split(out / "emb", out / "part", "fraction:0.3", force=True)
     detection = split_detection(out / "part")
     p_clean = np.concatenate([pq.read_table(f, columns=["p_clean"]).column(0).to_numpy()

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sanitize.io.artifacts import Embeddings, Split
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -63,7 +65,7 @@ def _alive(pid: int) -> bool:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "embed.json"}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != Embeddings.MANIFEST}
 
 
 def kill(args) -> None:
@@ -86,7 +88,7 @@ def kill(args) -> None:
     embed = ["embed", str(src), "--checkpoint", str(checkpoint), "--workers", "2", "--batch-size", "4",
              "--dtype", "float32"]
     full = root / "full"
-    if not (full / "embed.json").exists():
+    if not (full / Embeddings.MANIFEST).exists():
         subprocess.run([sys.executable, "-m", "cli.main", *embed, "--out", str(full)], env=env, check=True, cwd=ROOT,
                        capture_output=True)
     rng = random.Random(args.seed)
@@ -129,7 +131,7 @@ def query(args) -> None:
 
     root = Path(args.dir) / f"query{args.pairs}"
     part = root / "part"
-    if not (part / "split.json").exists():
+    if not (part / Split.MANIFEST).exists():
         rng = np.random.default_rng(0)
         per_file = max(1, args.pairs // 10)
         write_emb(root / "emb", {f"{i:05d}": mixture_similarities(per_file, rng) for i in range(10)})
