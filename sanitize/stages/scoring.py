@@ -81,6 +81,7 @@ def scores_from_training(kept: dict[str, tuple[np.ndarray, np.ndarray]], previou
     rest = Embeddings(out.root.with_name(out.root.name + ".rest"))
     todo = None
     if ctx.is_main:
+        shutil.rmtree(rest.root, ignore_errors=True)  # a killed run's leftovers are another model's embeddings
         todo = {path.stem: [k for k in pq.read_table(path, columns=["key"]).column("key").to_pylist()
                             if k not in kept] for path in previous.files()}
     todo = broadcast_object(ctx, todo)
