@@ -88,3 +88,34 @@ def test_hash_buckets_find_the_same_groups_at_scale(tmp_path):
     assert hashed.summary() == exact.summary() == {"tau": 0.9999, "groups": 1, "pairs_in_groups": 21,
                                                    "largest_group": 21}
     assert (hashed.labels >= 0).tolist() == (exact.labels >= 0).tolist()
+
+
+def test_a_later_split_reuses_the_first_splits_groups_by_key(tmp_path):
+    """Copies embedded by different weights (training-pass scores) drift apart and would no
+    longer group; a later split that reuses the first split's groups still admits one copy."""
+    import pytest
+
+    image, similarity = _data()
+    _write(tmp_path / "emb", image, similarity)
+    first = split(tmp_path / "emb", tmp_path / "first", "fraction:0.8", dedup=0.9999)
+    saved = pq.read_table(tmp_path / "first" / "groups.parquet").to_pydict()
+    assert sorted(saved["key"]) == [f"{i:06d}" for i in range(21)] and len(set(saved["group"])) == 1
+    assert first.manifest.counts["safe"] == 320
+
+    drifted = image.copy()
+    drifted[:21] += np.random.default_rng(5).normal(scale=0.05, size=(21, DIM))  # copies no longer near-identical
+    drifted /= np.linalg.norm(drifted, axis=1, keepdims=True)
+    _write(tmp_path / "emb2", drifted, similarity)
+
+    def copies_safe(part):
+        keys = set(pq.read_table(tmp_path / part / "safe" / "00000.parquet").column("key").to_pylist())
+        return len(keys & {f"{i:06d}" for i in range(21)})
+
+    fresh = split(tmp_path / "emb2", tmp_path / "fresh", "fraction:0.8", dedup=0.9999).manifest
+    assert fresh.extra["dedup"]["groups"] == 0 and copies_safe("fresh") == 21  # found again: nothing groups
+    reused = split(tmp_path / "emb2", tmp_path / "reused", "fraction:0.8", dedup=0.9999,
+                   dedup_groups=tmp_path / "first").manifest
+    assert copies_safe("reused") == 1 and reused.extra["dedup"]["left_safe_set"] == 20
+    assert reused.extra["dedup"]["groups_from"].endswith("groups.parquet")
+    with pytest.raises(ValueError, match="no groups.parquet"):
+        split(tmp_path / "emb2", tmp_path / "x", "fraction:0.8", dedup=0.9999, dedup_groups=tmp_path / "fresh2")

@@ -366,6 +366,10 @@ def test_resplit_trains_plain_clip_on_each_epochs_safe_set_only(full_run, pairs_
         manifest = json.loads((run / "splits" / f"epoch={epoch}" / "split.json").read_text())
         assert manifest["dedup"]["tau"] == 0.9999 and manifest["schedule"]["fraction"] == 0.85
         assert not any("--previous" in w for w in manifest["warnings"])  # a fixed share has no r0 to carry
+    # the groups are found once, at the first split, and reused by key
+    assert (run / "splits" / "epoch=2" / "groups.parquet").exists()
+    later = json.loads((run / "splits" / "epoch=3" / "split.json").read_text())["dedup"]
+    assert later["groups_from"].endswith("epoch=2/groups.parquet")
 
 
 def test_default_defense_is_resplit_and_the_paper_preset_runs_the_papers_loop():

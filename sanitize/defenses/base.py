@@ -38,6 +38,7 @@ class SplitRequest:
     previous: int | None = None
     from_training: bool = False
     dedup: float = 0.0          # near-duplicate threshold: at most one pair of a group safe (0: off)
+    groups_from: int | None = None  # the epoch of an earlier split whose near-duplicate groups to reuse
 
 
 @dataclass(frozen=True)

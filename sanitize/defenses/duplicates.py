@@ -15,12 +15,14 @@ narrow cone, where raw cosines are all near 1) and L2-normalised, have an inner
 product of at least `tau` (faiss, exact inner product search of each pair's nearest
 neighbours). Copies of one image embed identically (cosine 1 up to float16 storage);
 at the default tau = 0.9999 distinct Fashion-MNIST images stay apart (their nearest
-neighbours' centred cosine is below 0.9998 at the 99.9th percentile).
+neighbours' centred cosine is below 0.9998 at the 99.9th percentile). Within a run the
+groups are found once, at the first split, and reused by key (`groups_by_key`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -52,6 +54,28 @@ class Groups:
         sizes = self.sizes
         return {"tau": self.tau, "groups": int(sizes.size), "pairs_in_groups": int(sizes.sum()),
                 "largest_group": int(sizes.max()) if sizes.size else 0}
+
+
+def write_groups(path: Path, keys: Sequence[str], labels: np.ndarray) -> None:
+    """The grouped pairs' keys and group numbers (pairs without a duplicate are left out)."""
+    import pyarrow as pa
+
+    grouped = np.flatnonzero(labels >= 0)
+    table = pa.table({"key": pa.array([keys[i] for i in grouped], pa.string()),
+                      "group": pa.array(labels[grouped], pa.int64())})
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def groups_by_key(path: Path, keys: Sequence[str], tau: float) -> Groups:
+    """An earlier split's groups (`write_groups`) for the pairs `keys`, in their order: which
+    images are copies of each other is a property of the data, so later splits reuse the
+    groups found once on one model's embeddings instead of finding them again on embeddings
+    that training-pass scoring took from different steps' weights (copies then drift apart)."""
+    table = pq.read_table(path, columns=["key", "group"])
+    saved = dict(zip(table.column("key").to_pylist(), table.column("group").to_pylist()))
+    return Groups(np.fromiter((saved.get(k, -1) for k in keys), np.int64, len(keys)), tau)
 
 
 def _image_batches(paths: Sequence[str], track: Callable, description: str):

@@ -32,7 +32,9 @@ class Resplit(Defense):
         grows = parse_schedule(self.schedule).kind == "safeclip"  # only that schedule carries r0 over
         return SplitRequest(at=epoch, schedule=self.schedule, schedule_epoch=k, ranking=self.config.ranking,
                             previous=self.warm_epochs if k > 0 and grows else None,
-                            from_training=self.score_from_training and k > 0, dedup=self.dedup)
+                            from_training=self.score_from_training and k > 0, dedup=self.dedup,
+                            # copies are found once, on the first split's one-model embeddings
+                            groups_from=self.warm_epochs if k > 0 and self.dedup else None)
 
     def streams(self, epoch, split):
         risky = [Stream("unimodal", "unimodal", "risky")] if self.risky_loss == "unimodal" else []

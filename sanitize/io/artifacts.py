@@ -390,6 +390,7 @@ class Split:
     """A split folder: safe/ and risky/ partitions of one Parquet file per embedding file."""
 
     MANIFEST = "split.json"
+    GROUPS = "groups.parquet"  # near-duplicate groups (key, group) when the split grouped them
     PARTITIONS = PARTITIONS
 
     def __init__(self, root: str | os.PathLike):
@@ -398,6 +399,10 @@ class Split:
     @property
     def manifest_path(self) -> Path:
         return self.root / self.MANIFEST
+
+    @property
+    def groups_path(self) -> Path:
+        return self.root / self.GROUPS
 
     def partition_dir(self, partition: str) -> Path:
         if partition not in PARTITIONS:

@@ -317,7 +317,9 @@ def use_split(session: Session, request: SplitRequest, epoch: int, record: dict,
         previous = run.split(request.previous).root if request.previous is not None else None
         manifest = split(scores.root, run.split(epoch).root, request.schedule, epoch=request.schedule_epoch,
                          fit_sample=config.fit_sample, seed=config.warmup.seed, previous=previous,
-                         ranking=request.ranking, force=True, dedup=request.dedup or None).manifest
+                         ranking=request.ranking, force=True, dedup=request.dedup or None,
+                         dedup_groups=(run.split(request.groups_from).root if request.groups_from is not None
+                                       else None)).manifest
     manifest = broadcast_object(ctx, manifest)
     seconds["split"] = round(time.perf_counter() - t, 3)
     record.update({"safe_ratio": manifest.counts["safe_share"], "ratio": manifest.ratio,

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..defenses.duplicates import find_groups, one_per_group
+from ..defenses.duplicates import find_groups, groups_by_key, one_per_group, write_groups
 from ..defenses.gmm import clean_log_odds, fit_mixture, posterior_from_log_odds, separation, split_warnings
 from ..defenses.schedule import Schedule, parse_schedule, plan_split
 from ..io.artifacts import PARTITIONS, Embeddings, Split, SplitManifest, check_unique_keys
@@ -250,6 +250,7 @@ def _prepare_out(out: Split, force: bool) -> None:
         remove_stale_temps(out.partition_dir(part))  # left by a split killed mid-write
     # The manifest goes first so a half-rewritten folder never looks complete.
     out.manifest_path.unlink(missing_ok=True)
+    out.groups_path.unlink(missing_ok=True)
     for part in PARTITIONS:
         for stale in out.partition_dir(part).glob("*.parquet"):
             stale.unlink()
@@ -334,10 +335,13 @@ class _Ranking:
     extra: dict
     warnings: list[str]
     timing: dict
+    groups: Any = None        # the near-duplicate groups the ranking used, when it grouped
+    keys: Any = None          # every pair's key in row order (pa.ChunkedArray)
 
 
 def _fit_and_rank(files: list[EmbFile], schedule: Schedule, epoch: int, fit_sample: int, seed: int,
-                  previous_r0, previous_source, strategy, options, track, dedup: float | None = None) -> _Ranking:
+                  previous_r0, previous_source, strategy, options, track, dedup: float | None = None,
+                  groups_from: Path | None = None) -> _Ranking:
     """Read the similarities, fit the mixture, apply the schedule and rank (pass 1 of 2)."""
     t0 = time.perf_counter()
     warnings: list[str] = []
@@ -367,15 +371,18 @@ def _fit_and_rank(files: list[EmbFile], schedule: Schedule, epoch: int, fit_samp
                                  plan.n_safe, options, track))
     warnings.extend(ranked.warnings)
     order, extra = ranked.order, dict(ranked.manifest)
+    groups = None
     if dedup:  # at most one pair of each near-duplicate image group in the safe set (defenses/duplicates.py)
-        groups = find_groups([f.path for f in files], n, dedup, seed=seed, track=track)
+        groups = (groups_by_key(groups_from, keys.to_pylist(), dedup) if groups_from is not None
+                  else find_groups([f.path for f in files], n, dedup, seed=seed, track=track))
         order, moved = one_per_group(order, groups.labels, plan.n_safe)
-        extra["dedup"] = {**groups.summary(), "left_safe_set": moved}
+        extra["dedup"] = {**groups.summary(), "left_safe_set": moved,
+                          **({"groups_from": str(groups_from)} if groups_from is not None else {})}
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n, dtype=np.int64)
     timing = {"read": t_read - t0, "fit": t_fit - t_read, "rank": time.perf_counter() - t_fit}
     return _Ranking(similarity, finite, p_clean, rank, order[:plan.n_safe], plan.n_safe, plan, mixture,
-                    int(sample.size), extra, warnings, timing)
+                    int(sample.size), extra, warnings, timing, groups, keys)
 
 
 def _manifest(emb: str | os.PathLike, files: list[EmbFile], schedule: Schedule, epoch: int, seed: int,
@@ -409,10 +416,11 @@ def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | s
           fit_sample: int = DEFAULT_FIT_SAMPLE, seed: int = 0, previous: str | os.PathLike | None = None,
           ranking: str = "global", ranking_options: Mapping | None = None, force: bool = False,
           track: Callable[[Iterable, int | None, str], Iterable] = _identity_track,
-          dedup: float | None = None) -> SplitResult:
+          dedup: float | None = None, dedup_groups: str | os.PathLike | None = None) -> SplitResult:
     """Fit, rank and write both partitions plus PART/split.json (written last). `dedup`: the
     near-duplicate threshold tau; the safe set then holds at most one pair of each group of
-    near-identical images (defenses/duplicates.py)."""
+    near-identical images (defenses/duplicates.py), and PART/groups.parquet keeps the groups.
+    `dedup_groups`: an earlier split folder whose groups to reuse instead of finding them."""
     t0 = time.perf_counter()
     if isinstance(schedule, str):
         schedule = parse_schedule(schedule)
@@ -426,6 +434,13 @@ def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | s
         raise ValueError(f"--seed must be >= 0, got {seed}")
     previous_r0, previous_source = (read_previous_r0(previous) if previous is not None
                                     and schedule.kind == "safeclip" and epoch > 0 else (None, None))
+    groups_from = None
+    if dedup and dedup_groups is not None:
+        groups_from = Split(dedup_groups).groups_path
+        if Path(dedup_groups).resolve() == Path(out).resolve():
+            raise ValueError("the groups to reuse must come from another split folder than --out")
+        if not groups_from.exists():
+            raise ValueError(f"{dedup_groups}: no {Split.GROUPS} to reuse (split it with --dedup-tau first)")
     files = list_emb_files(emb)
     folder = Split(out)
     _prepare_out(folder, force)
@@ -437,11 +452,13 @@ def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | s
                         f"{ranking} ranking; ignored")
 
     ranked = _fit_and_rank(files, schedule, epoch, fit_sample, seed, previous_r0, previous_source, strategy,
-                           options, track, dedup)
+                           options, track, dedup, groups_from)
     warnings.extend(ranked.warnings)
     t_write = time.perf_counter()
     _write_partitions(files, folder.root, ranked.p_clean, ranked.rank, ranked.n_safe, epoch, ranked.plan.ratio,
                       track)
+    if ranked.groups is not None:
+        write_groups(folder.groups_path, ranked.keys.to_pylist(), ranked.groups.labels)
     timing = {**ranked.timing, "write": time.perf_counter() - t_write, "total": time.perf_counter() - t0}
     manifest = _manifest(emb, files, schedule, epoch, seed, ranking, ranked, warnings, timing)
     folder.write_manifest(manifest)
