@@ -286,7 +286,8 @@ def main() -> None:
     only = set(args.only or ("views", "steps", "embed", "runs"))
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, no GPU"
               if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-              "command": "python benchmarks/cost.py " + " ".join(portable(a, args.work) for a in sys.argv[1:]),
+              "command": "python benchmarks/cost.py " + " ".join(
+                  portable(a, args.work) if a != args.source else "SOURCE" for a in sys.argv[1:]),
               "rounds": args.rounds, "run_epochs": args.run_epochs, "load_average": {"start": os.getloadavg()}}
     if "views" in only:
         result["views"] = measure_views(args.source, args.view_pairs, args.rounds)
