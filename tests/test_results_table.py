@@ -104,3 +104,23 @@ def test_defenses_of_an_attack_that_did_not_take_are_marked_not_needed() -> None
     assert not attack_did_not_take(None)  # nothing known yet: just "not run"
     # targeted poisoning is judged by its own count, never called "did not take" here
     assert not attack_did_not_take(make_cell("all", "none", 5, 0.87, asr=0.003, targeted=14))
+
+
+def test_data_variants_get_the_size_section_not_the_longer_runs(tmp_path: Path) -> None:
+    from results_table import sweep_lines, variant_cells
+
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    (docs / "results").mkdir(parents=True)
+    sweep = make_cell("tb@20k", "resplit", 10, 0.842, asr=0.005, targeted=0)
+    sweep["safe_leaks"] = [{"split": "epoch=2", "safe": 17425, "not_clean": {"badnet": 67, "noise": 438}},
+                           {"split": "epoch=9", "safe": 17425, "not_clean": {"noise": 28}}]
+    (results / "tb@20k__resplit__10_epochs.json").write_text(json.dumps(sweep))
+    (results / "badnet__none__10_epochs.json").write_text(json.dumps(make_cell("badnet", "none", 10, 0.887, 0.965)))
+    by_epochs, _ = long_runs(results, docs)
+    assert list(by_epochs[10]) == [("badnet", "none")]  # the tb@20k cell is not a longer run of an attack
+    cells = variant_cells(results, docs)
+    assert list(cells) == [("tb@20k", "resplit", 10)] and (docs / "results" / "tb@20k__resplit__10_epochs.json").exists()
+    row = [line for line in sweep_lines(cells) if line.startswith("| 20k |")]
+    assert row == ["| 20k | resplit | 10 | 84.2% | TDPA 0/16; badnet 0.5% (0.2%) | 17,425 (67 badnet) → 17,425 "
+                   "(no poison) | 10 min | [json](results/tb@20k__resplit__10_epochs.json) |"]
