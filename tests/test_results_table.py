@@ -120,7 +120,8 @@ def test_data_variants_get_the_size_section_not_the_longer_runs(tmp_path: Path) 
     by_epochs, _ = long_runs(results, docs)
     assert list(by_epochs[10]) == [("badnet", "none")]  # the tb@20k cell is not a longer run of an attack
     cells = variant_cells(results, docs)
-    assert list(cells) == [("tb@20k", "resplit", 10)] and (docs / "results" / "tb@20k__resplit__10_epochs.json").exists()
+    assert list(cells) == [("tb@20k", "resplit", 10)]
+    assert (docs / "results" / "tb@20k__resplit__10_epochs.json").exists()
     row = [line for line in sweep_lines(cells) if line.startswith("| 20k |")]
     assert row == ["| 20k | resplit | 10 | 84.2% | TDPA 0/16; badnet 0.5% (0.2%) | 17,425 (67 badnet) → 17,425 "
                    "(no poison) | 10 min | [json](results/tb@20k__resplit__10_epochs.json) |"]
