@@ -7,7 +7,7 @@ clean), the largest poison-free safe share (per attack and overall), the share w
 p_clean >= 0.9 (the paper's first-split rule) and the mixture's separation. This is how
 the demo's warm-up was chosen (docs/pipeline.md, "safeclip demo").
 
-    python benchmarks/demo_warmup.py DEMO/data/poisoned --out /tmp/dw/F --unimodal-epochs 0 \
+    python benchmarks/demo_warmup.py DEMO/data/poisoned --out dw/F --unimodal-epochs 0 \
         --clip-epochs 3 --clip-lr-scale 0.5 --seed 0
 """
 

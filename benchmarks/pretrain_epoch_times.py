@@ -12,7 +12,7 @@ the epoch's planned steps (a full epoch of each is ~12 min on 2 busy cores).
 For `training`, the measured epoch is the second split epoch (the first has no
 training-pass embeddings yet and scores with the separate pass).
 
-    python benchmarks/pretrain_epoch_times.py DATA/train --out /tmp/bench [--steps 20]
+    python benchmarks/pretrain_epoch_times.py DATA/train --out bench [--steps 20]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ caption, url, label, image_emb/text_emb, similarity; captions of CC3M-like lengt
 once, then runs `safeclip split` on it in a child process and reports its wall
 time and peak resident memory (ru_maxrss of the child), with the machine's load.
 
-    python benchmarks/split_10m.py --dir /tmp/split10m [--pairs 10000000] [--dim 16]
+    python benchmarks/split_10m.py --dir split10m [--pairs 10000000] [--dim 16]
 """
 
 from __future__ import annotations
