@@ -10,8 +10,8 @@
          connection (`sanitize.stages.query.connect`: Arrow datasets, DuckDB given no path) and
          through DuckDB's own `read_parquet` views (what `connect` did before the sandbox).
 
-    python benchmarks/faults.py kill --dir /tmp/faults-bench [--trials 8] [--baseline]
-    python benchmarks/faults.py query --dir /tmp/faults-bench [--pairs 2000000]
+    python benchmarks/faults.py kill --dir faults-bench [--trials 8] [--baseline]
+    python benchmarks/faults.py query --dir faults-bench [--pairs 2000000]
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from sanitize.io.artifacts import Embeddings, Split
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from procs import alive, children  # noqa: E402
+
 # The embed command with exit_with_parent switched off (the behaviour before it existed).
 BASELINE = """
 import sys
@@ -42,26 +44,6 @@ from cli.main import app
 sys.argv = ["safeclip"] + sys.argv[1:]
 app()
 """
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -98,18 +80,18 @@ def kill(args) -> None:
         subprocess.run(["rm", "-rf", str(out)], check=True)
         proc = subprocess.Popen([*command, *embed, "--out", str(out)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        while len(_children(proc.pid)) < 2 and proc.poll() is None:
+        while len(children(proc.pid)) < 2 and proc.poll() is None:
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 4.0))
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         killed = time.monotonic()
-        while any(_alive(w) for w in workers) and time.monotonic() - killed < 30:
+        while any(alive(w) for w in workers) and time.monotonic() - killed < 30:
             time.sleep(0.01)
         lifetimes.append(time.monotonic() - killed)
         for w in workers:
-            if _alive(w):
+            if alive(w):
                 os.kill(w, signal.SIGKILL)
         subprocess.run([sys.executable, "-m", "cli.main", *embed, "--out", str(out)], env=env, check=True, cwd=ROOT,
                        capture_output=True)

@@ -102,3 +102,14 @@ def run_img2dataset(url_list: str | os.PathLike, out: str | os.PathLike, **optio
     if settings["encode_format"] == "png":
         settings.setdefault("encode_quality", 6)  # for png it is the zlib level, 0-9
     download(url_list=str(url_list), output_folder=str(out), **settings)
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """A CLI result that failed with exit code 1 and one `error:` line holding every fragment;
+    returns that line."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

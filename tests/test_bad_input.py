@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from helpers import encode, make_image, make_pairs
+from helpers import encode, make_image, make_pairs, one_line_error
 from sanitize.io.pairs import CsvOptions, SourceError, open_pairs
 from sanitize.io.shards import write_pairs
 
@@ -22,14 +22,6 @@ def _cli(*args: str):
     result = CliRunner().invoke(app, list(args))
     assert "Traceback" not in result.output
     return result
-
-
-def _one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def _tar(path, members: list[tuple[str, bytes]]) -> None:
@@ -50,28 +42,28 @@ def test_missing_path(tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(SourceError, match="no such file or folder"):
         open_pairs(missing)
-    _one_line_error(_cli("inspect", missing), "nope", "no such file or folder")
-    _one_line_error(_cli("inspect", str(tmp_path / "{00000..00001}.tar")), "00000.tar", "no such file")
+    one_line_error(_cli("inspect", missing), "nope", "no such file or folder")
+    one_line_error(_cli("inspect", str(tmp_path / "{00000..00001}.tar")), "00000.tar", "no such file")
 
 
 def test_unknown_format(tmp_path):
     write_pairs(make_pairs(2, size=8), tmp_path)
-    _one_line_error(_cli("inspect", str(tmp_path), "--format", "xml"), "unknown format 'xml'", "webdataset")
+    one_line_error(_cli("inspect", str(tmp_path), "--format", "xml"), "unknown format 'xml'", "webdataset")
     (tmp_path / "notes.txt").write_text("hello")
-    _one_line_error(_cli("inspect", str(tmp_path / "notes.txt")), "unknown source format", "--format")
+    one_line_error(_cli("inspect", str(tmp_path / "notes.txt")), "unknown source format", "--format")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_error(_cli("inspect", str(empty)), "no pairs found")
+    one_line_error(_cli("inspect", str(empty)), "no pairs found")
 
 
 def test_forcing_a_wrong_format(tmp_path):
     shards = tmp_path / "shards"
     write_pairs(make_pairs(2, size=8), shards)
     (tmp_path / "list.tsv").write_text("filepath\ttitle\n")
-    _one_line_error(_cli("inspect", str(shards), "--format", "parquet"), "no parquet files with an image column")
-    _one_line_error(_cli("inspect", str(shards), "--format", "csv"), "must be a file")
-    _one_line_error(_cli("inspect", str(tmp_path / "list.tsv"), "--format", "webdataset"), "not a tar file")
-    _one_line_error(_cli("inspect", str(shards / "00000.tar"), "--format", "folder"), "must be a folder")
+    one_line_error(_cli("inspect", str(shards), "--format", "parquet"), "no parquet files with an image column")
+    one_line_error(_cli("inspect", str(shards), "--format", "csv"), "must be a file")
+    one_line_error(_cli("inspect", str(tmp_path / "list.tsv"), "--format", "webdataset"), "not a tar file")
+    one_line_error(_cli("inspect", str(shards / "00000.tar"), "--format", "folder"), "must be a folder")
     # The right format still reads everything.
     assert len(list(open_pairs(str(shards)))) == 2
 
@@ -79,7 +71,7 @@ def test_forcing_a_wrong_format(tmp_path):
 def test_missing_csv_column(tmp_path):
     (tmp_path / "a.png").write_bytes(encode(make_image(1)))
     (tmp_path / "list.csv").write_text("image,caption\na.png,a cat\n")
-    _one_line_error(_cli("inspect", str(tmp_path / "list.csv")), "missing column(s) filepath, title",
+    one_line_error(_cli("inspect", str(tmp_path / "list.csv")), "missing column(s) filepath, title",
                     "'image', 'caption'")
     result = _cli("inspect", str(tmp_path / "list.csv"), "--image-column", "image", "--caption-column", "caption")
     assert result.exit_code == 0 and "1 pairs readable" in result.output

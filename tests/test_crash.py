@@ -18,6 +18,7 @@ import pytest
 
 from conftest import write_class_pairs
 from emb_synth import mixture_similarities, write_emb
+from procs import alive, children
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1")
 SAFECLIP = [sys.executable, "-m", "cli.main"]
@@ -42,26 +43,6 @@ def _wait_for(condition, timeout: float = 120.0) -> bool:
             return True
         time.sleep(0.02)
     return False
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -147,20 +128,26 @@ def test_split_killed_at_random_moments_reruns_byte_identical(tmp_path):
 def test_dataloader_workers_die_with_a_killed_embed(many_shards, tiny_checkpoint, tmp_path):
     proc = _start("embed", many_shards, "--checkpoint", tiny_checkpoint, "--out", tmp_path / "emb",
                   "--workers", "2", "--batch-size", "4")
+    # PyTorch's own watchdog notices a dead parent after up to 5 s; ours at once.
+    assert _workers_gone_after_kill(proc, start_timeout=120.0), "DataLoader workers outlived the killed embed"
+
+
+def _workers_gone_after_kill(proc: subprocess.Popen, start_timeout: float) -> bool:
+    """Wait for `proc`'s two DataLoader workers, kill -9 `proc`: are the workers gone within
+    2 s? (Any left are killed, so a failing test leaves no orphans.)"""
     try:
-        assert _wait_for(lambda: len(_children(proc.pid)) >= 2 or proc.poll() is not None)
+        assert _wait_for(lambda: len(children(proc.pid)) >= 2 or proc.poll() is not None, timeout=start_timeout)
         time.sleep(0.5)
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         assert len(workers) >= 2 and proc.poll() is None
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    # PyTorch's own watchdog notices a dead parent after up to 5 s; ours at once.
-    gone = _wait_for(lambda: not any(_alive(w) for w in workers), timeout=2.0)
+    gone = _wait_for(lambda: not any(alive(w) for w in workers), timeout=2.0)
     for w in workers:
-        if _alive(w):
+        if alive(w):
             os.kill(w, signal.SIGKILL)
-    assert gone, "DataLoader workers outlived the killed embed"
+    return gone
 
 
 LOADER_IN_A_THREAD = """
@@ -188,19 +175,7 @@ def test_workers_of_a_loader_in_a_thread_poll_for_their_parent(tmp_path):
     """Off the main thread the kernel's parent-death signal would follow the thread, so the
     workers poll for the parent process instead: still gone right after a kill -9."""
     proc = subprocess.Popen([sys.executable, "-c", LOADER_IN_A_THREAD], env=ENV)
-    try:
-        assert _wait_for(lambda: len(_children(proc.pid)) >= 2 or proc.poll() is not None, timeout=60)
-        time.sleep(0.5)
-        workers = _children(proc.pid)
-        assert len(workers) >= 2 and proc.poll() is None
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    gone = _wait_for(lambda: not any(_alive(w) for w in workers), timeout=2.0)
-    for w in workers:
-        if _alive(w):
-            os.kill(w, signal.SIGKILL)
-    assert gone, "DataLoader workers outlived their killed parent"
+    assert _workers_gone_after_kill(proc, start_timeout=60.0), "DataLoader workers outlived their killed parent"
 
 
 def _file_size_limit(limit: int):

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from conftest import CLASS_WORDS, class_image
 from emb_synth import mixture_similarities, write_emb
-from helpers import encode, make_image, make_pairs
+from helpers import encode, make_image, make_pairs, one_line_error
 from sanitize.io.artifacts import Embeddings, Split, UnfinishedFolder
 from sanitize.io.pairs import DuplicateKeyError, Pair, open_pairs
 from sanitize.io.shards import write_pairs
@@ -39,15 +39,6 @@ def _cli(*args: str):
     assert "Traceback" not in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     return result
-
-
-def _one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -128,7 +119,7 @@ def test_query_cannot_write_read_elsewhere_or_load_code(sandbox_split, tmp_path,
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # where DuckDB would put extensions
     before = _tree(part.parent)
     result = _cli("query", part, sql)
-    _one_line_error(result)
+    one_line_error(result)
     assert _tree(part.parent) == before  # the split and its source untouched
     assert list(tmp_path.iterdir()) == []  # nothing written here, no ~/.duckdb
 
@@ -163,7 +154,7 @@ def test_query_out_is_written_atomically(sandbox_split, tmp_path):
     failing = ("SELECT i, CAST(CASE WHEN i < 70000 THEN '1' ELSE 'x' END AS INTEGER) AS v "
                "FROM range(100000) t(i)")
     for fmt in ("csv", "parquet", "json"):
-        _one_line_error(_cli("query", sandbox_split, failing, "--out", out, "--format", fmt), "Conversion Error")
+        one_line_error(_cli("query", sandbox_split, failing, "--out", out, "--format", fmt), "Conversion Error")
         assert out.read_text() == "old result\n"  # untouched: no truncated file in its place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]  # no temporary file left
     result = _cli("query", sandbox_split, "SELECT key FROM pairs", "--out", out)
@@ -176,7 +167,7 @@ def test_query_out_on_a_full_disk_leaves_no_file(sandbox_split, tmp_path, monkey
     _full_disk(monkeypatch, shards, after=1000)
     out = tmp_path / "r.csv"
     result = _cli("query", sandbox_split, "SELECT * FROM pairs", "--out", out)
-    _one_line_error(result, "r.csv", "no space left on the device")
+    one_line_error(result, "r.csv", "no space left on the device")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -205,7 +196,7 @@ def _shared_key_source(root: Path) -> Path:
 def test_duplicate_keys_across_shards_are_an_error(tiny_checkpoint, tmp_path):
     src = _shared_key_source(tmp_path / "src")
     result = _cli("embed", src, "-c", tiny_checkpoint, "-o", tmp_path / "emb", "--workers", "0")
-    _one_line_error(result, "20 key(s) occur more than once", "'0000' in 00000.parquet, 00001.parquet",
+    one_line_error(result, "20 key(s) occur more than once", "'0000' in 00000.parquet, 00001.parquet",
                     "--duplicate-keys rename")
     assert not Embeddings(tmp_path / "emb").is_finished()  # no embed.json: nothing downstream reads it
 
@@ -258,7 +249,7 @@ def test_duplicate_keys_within_a_shard(tmp_path):
                              "jpg": [good] * 4, "status": ["success"] * 4}), tmp_path / "00000.parquet")
     with pytest.raises(DuplicateKeyError, match="00000.parquet: key 'a' occurs more than once"):
         list(open_pairs(str(tmp_path)))
-    _one_line_error(_cli("inspect", tmp_path), "key 'a' occurs more than once", "--duplicate-keys rename")
+    one_line_error(_cli("inspect", tmp_path), "key 'a' occurs more than once", "--duplicate-keys rename")
     pairs = list(open_pairs(str(tmp_path), duplicate_keys="rename"))
     assert [(p.key, p.caption) for p in pairs] == [("a", "one"), ("b", "two"), ("a~2", "three"), ("a~3", "four")]
     assert pairs[2].meta["original_key"] == "a"
@@ -319,17 +310,17 @@ def _emb(root: Path, n_shards: int = 4) -> Path:
 def test_split_refuses_unfinished_or_inconsistent_embeddings(tmp_path):
     emb = _emb(tmp_path)
     (emb / "embed.json").rename(tmp_path / "embed.json")  # as a killed embed leaves it
-    message = _one_line_error(_cli("split", emb, "-o", tmp_path / "p"), "unfinished embeddings",
+    message = one_line_error(_cli("split", emb, "-o", tmp_path / "p"), "unfinished embeddings",
                               "4 file(s), no embed.json", "rerun the same `safeclip embed`", "--force")
     with pytest.raises(UnfinishedFolder):
         split(emb, tmp_path / "p", "safeclip")
     (tmp_path / "embed.json").rename(emb / "embed.json")
     (emb / "00003.parquet").unlink()  # embed.json lists a file that is not there
-    _one_line_error(_cli("split", emb, "-o", tmp_path / "p"), "lists 1 file(s) that are not there, e.g. 00003.parquet")
+    one_line_error(_cli("split", emb, "-o", tmp_path / "p"), "lists 1 file(s) that are not there, e.g. 00003.parquet")
     _emb(tmp_path / "other", n_shards=5)
     (tmp_path / "other" / "emb" / "00004.parquet").rename(emb / "00004.parquet")
     (tmp_path / "other" / "emb" / "00003.parquet").rename(emb / "00003.parquet")
-    _one_line_error(_cli("split", emb, "-o", tmp_path / "p"), "not listed in embed.json, e.g. 00004.parquet")
+    one_line_error(_cli("split", emb, "-o", tmp_path / "p"), "not listed in embed.json, e.g. 00004.parquet")
     assert message
 
 
@@ -341,11 +332,11 @@ def test_consumers_refuse_an_unfinished_split(sandbox_split, tmp_path):
     (part / "split.json").unlink()  # killed before the manifest, or removed: the issue's 100,000 of 400,000
     for args in (["query", part, "SELECT count(*) FROM pairs"], ["report", part, "--out", tmp_path / "r.html"],
                  ["export", part, "--out", tmp_path / "x"]):
-        _one_line_error(_cli(*args), "unfinished split", "no split.json", "rerun the `safeclip split` command")
+        one_line_error(_cli(*args), "unfinished split", "no split.json", "rerun the `safeclip split` command")
     assert not (tmp_path / "r.html").exists() and not list((tmp_path / "x").glob("*.tar"))
     shutil.copy(sandbox_split / "split.json", part / "split.json")
     (part / "risky" / "00001.parquet").unlink()
-    _one_line_error(_cli("query", part, "SELECT count(*) FROM pairs"), "risky/00001.parquet is missing")
+    one_line_error(_cli("query", part, "SELECT count(*) FROM pairs"), "risky/00001.parquet is missing")
     with pytest.raises(UnfinishedFolder):
         connect(part)
 
@@ -385,16 +376,16 @@ def test_embed_refuses_another_checkpoint_in_its_folder(class_pairs_dir, tiny_ch
     assert [p.name for p in Embeddings(out).files()] == ["00000.parquet"]
     assert (out / "embed.started.json").exists()
     # Resuming with another checkpoint would mix two models' embeddings in one folder.
-    _one_line_error(_cli("embed", class_pairs_dir, "-c", other, "-o", out, "--workers", "0"),
+    one_line_error(_cli("embed", class_pairs_dir, "-c", other, "-o", out, "--workers", "0"),
                     "unfinished embedding made with another checkpoint", "--force")
-    _one_line_error(_cli("embed", class_pairs_dir, "-c", tiny_checkpoint, "-o", out, "--workers", "0",
+    one_line_error(_cli("embed", class_pairs_dir, "-c", tiny_checkpoint, "-o", out, "--workers", "0",
                          "--dtype", "float32"), "another --dtype")
     run_embed(str(class_pairs_dir), tiny_checkpoint, out, config)  # the same identity resumes
     manifest = (out / "embed.json").read_bytes()
     assert not (out / "embed.started.json").exists()
     assert json.loads(manifest)["identity"]["checkpoint_sha256"]
     # A finished folder is not rewritten under another checkpoint's name.
-    _one_line_error(_cli("embed", class_pairs_dir, "-c", other, "-o", out, "--workers", "0"),
+    one_line_error(_cli("embed", class_pairs_dir, "-c", other, "-o", out, "--workers", "0"),
                     "already holds finished embeddings made with another checkpoint")
     assert (out / "embed.json").read_bytes() == manifest
     rerun = _cli("embed", class_pairs_dir, "-c", tiny_checkpoint, "-o", out, "--workers", "0")
@@ -437,7 +428,7 @@ def test_disk_full_in_embed_is_one_line_and_leaves_no_partial_file(class_pairs_d
     _full_disk(monkeypatch, shards, after=60_000)  # room for the first embedding file (~45 KB), not the second
     out = tmp_path / "emb"
     result = _cli("embed", class_pairs_dir, "-c", tiny_checkpoint, "-o", out, "--workers", "0", "--dtype", "float32")
-    line = _one_line_error(result, "no space left on the device", "free some space and rerun")
+    line = one_line_error(result, "no space left on the device", "free some space and rerun")
     assert ".tmp" not in line  # names the file being written, not its temporary name
     assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "embed.started.json"]
     monkeypatch.undo()
@@ -451,10 +442,10 @@ def test_disk_full_in_pretrain_and_report_is_one_line(class_pairs_dir, sandbox_s
     _full_disk(monkeypatch, shards, after=100_000)  # config.json fits, the first checkpoint does not
     result = _cli("pretrain", class_pairs_dir, "--out", tmp_path / "run", "--preset", "cpu", "--unimodal-epochs", "0",
                   "--clip-epochs", "1", "--epochs", "2", "--batch-size", "32", "--workers", "0")
-    _one_line_error(result, "run/warmup.pt: no space left on the device")
+    one_line_error(result, "run/warmup.pt: no space left on the device")
     assert not [p for p in (tmp_path / "run").rglob(".*")]
     _full_disk(monkeypatch, shards, after=1_000)
-    _one_line_error(_cli("report", sandbox_split, "--out", tmp_path / "r.html"), "r.html: no space left on the device")
+    one_line_error(_cli("report", sandbox_split, "--out", tmp_path / "r.html"), "r.html: no space left on the device")
     assert not (tmp_path / "r.html").exists() and not list(tmp_path.glob(".r.html*"))
 
 
@@ -475,7 +466,7 @@ def test_split_on_a_similarity_list_column_is_one_line(tmp_path):
     table = table.set_column(table.schema.get_field_index("similarity"), "similarity",
                              pa.array([[s] for s in sims], pa.list_(pa.float64())))
     pq.write_table(table, emb / "00000.parquet")
-    _one_line_error(_cli("split", emb, "-o", tmp_path / "p"), "column similarity is list<",
+    one_line_error(_cli("split", emb, "-o", tmp_path / "p"), "column similarity is list<",
                     "not a number per pair")
 
 
@@ -485,11 +476,11 @@ def test_bad_devices_are_one_line(class_pairs_dir, tiny_checkpoint, tmp_path, de
         pytest.skip("this machine has CUDA")
     expected = "unknown device 'bogus'" if device == "bogus" else "no CUDA device is available"
     common = ["--device", device]
-    _one_line_error(_cli("embed", class_pairs_dir, "-c", tiny_checkpoint, "-o", tmp_path / "e", *common), expected)
-    _one_line_error(_cli("eval", tiny_checkpoint, "--test", class_pairs_dir, "--classes", ",".join(CLASS_WORDS),
+    one_line_error(_cli("embed", class_pairs_dir, "-c", tiny_checkpoint, "-o", tmp_path / "e", *common), expected)
+    one_line_error(_cli("eval", tiny_checkpoint, "--test", class_pairs_dir, "--classes", ",".join(CLASS_WORDS),
                          *common), expected)
-    _one_line_error(_cli("warmup", class_pairs_dir, "--out", tmp_path / "w.pt", *common), expected)
-    _one_line_error(_cli("pretrain", class_pairs_dir, "--out", tmp_path / "run", *common), expected)
+    one_line_error(_cli("warmup", class_pairs_dir, "--out", tmp_path / "w.pt", *common), expected)
+    one_line_error(_cli("pretrain", class_pairs_dir, "--out", tmp_path / "run", *common), expected)
     assert not (tmp_path / "e").exists() and not (tmp_path / "run").exists()
 
 
@@ -531,6 +522,6 @@ def test_numeric_options_are_validated(class_pairs_dir, tiny_checkpoint, sandbox
     result = _cli(*[a.format(**values) for a in args])
     assert result.exit_code in (1, 2), result.output  # 2: typer's usage error for a value out of range
     if result.exit_code == 1:
-        _one_line_error(result)
+        one_line_error(result)
     made = {p.name for p in tmp_path.iterdir()} - {"urls.tsv"}
     assert not made, made  # refused before any work
