@@ -174,6 +174,19 @@ def _article(name: str) -> str:
     return "an" if name[:1].lower() in "aeiou" else "a"
 
 
+def read_captions(path: str | os.PathLike) -> list[str]:
+    """The captions of a text file, one a line (blank lines skipped); ValueError with one line
+    when it cannot be read or holds none."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read captions ({exc})") from None
+    captions = [line.strip() for line in lines if line.strip()]
+    if not captions:
+        raise ValueError(f"{path}: no captions in the file")
+    return captions
+
+
 def caption_drawer(config: PoisonConfig) -> Callable[[np.random.Generator], str]:
     """How a poison pair's caption is drawn: one of the given captions, a generated Fashion-MNIST
     caption of the target class, or "a photo of a NAME" for any other class."""

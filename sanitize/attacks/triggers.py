@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -216,6 +217,25 @@ def trigger_from_spec(spec: dict) -> Trigger:
         raise ValueError(f"unknown trigger type {kind!r}; choose one of {', '.join(TRIGGER_TYPES)}")
     spec.pop("reference_size", None)
     return Trigger(SPEC_BUILDERS[kind](**spec))
+
+
+def spec_for_attack(attack: str, trigger: str = "badnet", *, seed: int = 0, patch_size: float = 3,
+                    position: str = "bottom-right", pattern: str = "checkerboard", alpha: float = 0.2,
+                    blend_image: str | None = None, strength: float = 0.5, grid_size: int = 4) -> dict | None:
+    """The trigger spec `safeclip poison` options describe: the attack's own trigger, or
+    `trigger` for label-consistent poisons; None for targeted poisoning (no trigger)."""
+    kind = trigger if attack == "label-consistent" else attack
+    if kind == "badnet":
+        return badnet_spec(patch_size, parse_position(position), pattern, seed=seed)
+    if kind == "blended":
+        if blend_image is not None and not Path(blend_image).is_file():
+            raise FileNotFoundError(f"{blend_image}: no such image")
+        return blended_spec(alpha, seed, blend_image)
+    if kind == "wanet":
+        return wanet_spec(strength, grid_size, seed)
+    if attack == "label-consistent":
+        raise ValueError(f"unknown --trigger {trigger!r}; choose badnet, blended or wanet")
+    return None
 
 
 def parse_position(text: str) -> str | tuple[float, float]:
