@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .balance import BATCH_ROWS, vectors_to_numpy
@@ -56,26 +58,27 @@ class Groups:
                 "largest_group": int(sizes.max()) if sizes.size else 0}
 
 
-def write_groups(path: Path, keys: Sequence[str], labels: np.ndarray) -> None:
-    """The grouped pairs' keys and group numbers (pairs without a duplicate are left out)."""
-    import pyarrow as pa
-
+def write_groups(path: Path, keys: pa.ChunkedArray, labels: np.ndarray) -> None:
+    """The grouped pairs' keys (`keys`: every pair's, in row order) and group numbers; pairs
+    without a duplicate are left out."""
     grouped = np.flatnonzero(labels >= 0)
-    table = pa.table({"key": pa.array([keys[i] for i in grouped], pa.string()),
-                      "group": pa.array(labels[grouped], pa.int64())})
+    table = pa.table({"key": keys.take(pa.array(grouped)), "group": pa.array(labels[grouped], pa.int64())})
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)
 
 
-def groups_by_key(path: Path, keys: Sequence[str], tau: float) -> Groups:
+def groups_by_key(path: Path, keys: pa.ChunkedArray, tau: float) -> Groups:
     """An earlier split's groups (`write_groups`) for the pairs `keys`, in their order: which
     images are copies of each other is a property of the data, so later splits reuse the
     groups found once on one model's embeddings instead of finding them again on embeddings
     that training-pass scoring took from different steps' weights (copies then drift apart)."""
-    table = pq.read_table(path, columns=["key", "group"])
-    saved = dict(zip(table.column("key").to_pylist(), table.column("group").to_pylist()))
-    return Groups(np.fromiter((saved.get(k, -1) for k in keys), np.int64, len(keys)), tau)
+    saved = pq.read_table(path, columns=["key", "group"])
+    at = pc.index_in(keys, value_set=saved.column("key")).to_numpy(zero_copy_only=False)
+    found = ~np.isnan(at)  # a key the earlier split did not group: no group
+    labels = np.full(len(keys), -1, np.int64)
+    labels[found] = saved.column("group").to_numpy()[at[found].astype(np.int64)]
+    return Groups(labels, tau)
 
 
 def _image_batches(paths: Sequence[str], track: Callable, description: str):

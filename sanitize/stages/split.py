@@ -373,7 +373,7 @@ def _fit_and_rank(files: list[EmbFile], schedule: Schedule, epoch: int, fit_samp
     order, extra = ranked.order, dict(ranked.manifest)
     groups = None
     if dedup:  # at most one pair of each near-duplicate image group in the safe set (defenses/duplicates.py)
-        groups = (groups_by_key(groups_from, keys.to_pylist(), dedup) if groups_from is not None
+        groups = (groups_by_key(groups_from, keys, dedup) if groups_from is not None
                   else find_groups([f.path for f in files], n, dedup, seed=seed, track=track))
         order, moved = one_per_group(order, groups.labels, plan.n_safe)
         extra["dedup"] = {**groups.summary(), "left_safe_set": moved,
@@ -458,7 +458,7 @@ def split(emb: str | os.PathLike, out: str | os.PathLike, schedule: Schedule | s
     _write_partitions(files, folder.root, ranked.p_clean, ranked.rank, ranked.n_safe, epoch, ranked.plan.ratio,
                       track)
     if ranked.groups is not None:
-        write_groups(folder.groups_path, ranked.keys.to_pylist(), ranked.groups.labels)
+        write_groups(folder.groups_path, ranked.keys, ranked.groups.labels)
     timing = {**ranked.timing, "write": time.perf_counter() - t_write, "total": time.perf_counter() - t0}
     manifest = _manifest(emb, files, schedule, epoch, seed, ranking, ranked, warnings, timing)
     folder.write_manifest(manifest)
