@@ -33,7 +33,7 @@ from sanitize.io.artifacts import Embeddings, Split
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from procs import alive, children  # noqa: E402
+from procs import alive, descendants  # noqa: E402
 
 # The embed command with exit_with_parent switched off (the behaviour before it existed).
 BASELINE = """
@@ -80,10 +80,11 @@ def kill(args) -> None:
         subprocess.run(["rm", "-rf", str(out)], check=True)
         proc = subprocess.Popen([*command, *embed, "--out", str(out)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        while len(children(proc.pid)) < 2 and proc.poll() is None:
+        # Two workers from a fork server, plus the server and its resource tracker.
+        while len(descendants(proc.pid)) < 4 and proc.poll() is None:
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 4.0))
-        workers = children(proc.pid)
+        workers = descendants(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         killed = time.monotonic()
@@ -96,7 +97,7 @@ def kill(args) -> None:
         subprocess.run([sys.executable, "-m", "cli.main", *embed, "--out", str(out)], env=env, check=True, cwd=ROOT,
                        capture_output=True)
         identical += _files(out) == _files(full)
-        print(f"trial {trial}: {len(workers)} workers, alive {lifetimes[-1]:.2f} s after the kill, "
+        print(f"trial {trial}: {len(workers)} loader processes, alive {lifetimes[-1]:.2f} s after the kill, "
               f"resumed {'identical' if _files(out) == _files(full) else 'DIFFERENT'}", flush=True)
     print(f"{'baseline (no exit_with_parent)' if args.baseline else 'exit_with_parent'}: workers alive after "
           f"kill -9: max {max(lifetimes):.2f} s, median {float(np.median(lifetimes)):.2f} s, over 1 s in "

@@ -21,6 +21,17 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid`'s children, their children, and so on (DataLoader workers started from a fork
+    server are the server's children)."""
+    found, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
 def alive(pid: int) -> bool:
     """`pid` exists and is not a zombie."""
     try:

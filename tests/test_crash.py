@@ -18,7 +18,7 @@ import pytest
 
 from conftest import write_class_pairs
 from emb_synth import mixture_similarities, write_emb
-from procs import alive, children
+from procs import alive, descendants
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1")
 SAFECLIP = [sys.executable, "-m", "cli.main"]
@@ -128,18 +128,22 @@ def test_split_killed_at_random_moments_reruns_byte_identical(tmp_path):
 def test_dataloader_workers_die_with_a_killed_embed(many_shards, tiny_checkpoint, tmp_path):
     proc = _start("embed", many_shards, "--checkpoint", tiny_checkpoint, "--out", tmp_path / "emb",
                   "--workers", "2", "--batch-size", "4")
-    # PyTorch's own watchdog notices a dead parent after up to 5 s; ours at once.
-    assert _workers_gone_after_kill(proc, start_timeout=120.0), "DataLoader workers outlived the killed embed"
+    # PyTorch's own watchdog notices a dead parent after up to 5 s; ours at once. The two
+    # workers come from a fork server, which comes with a resource tracker: 4 processes.
+    assert _workers_gone_after_kill(proc, start_timeout=120.0, processes=4), \
+        "DataLoader workers outlived the killed embed"
 
 
-def _workers_gone_after_kill(proc: subprocess.Popen, start_timeout: float) -> bool:
-    """Wait for `proc`'s two DataLoader workers, kill -9 `proc`: are the workers gone within
-    2 s? (Any left are killed, so a failing test leaves no orphans.)"""
+def _workers_gone_after_kill(proc: subprocess.Popen, start_timeout: float, processes: int) -> bool:
+    """Wait until `proc` has `processes` descendants (its DataLoader workers and their helpers),
+    kill -9 `proc`: are they all gone within 2 s? (Any left are killed, so a failing test
+    leaves no orphans.)"""
     try:
-        assert _wait_for(lambda: len(children(proc.pid)) >= 2 or proc.poll() is not None, timeout=start_timeout)
+        assert _wait_for(lambda: len(descendants(proc.pid)) >= processes or proc.poll() is not None,
+                         timeout=start_timeout)
         time.sleep(0.5)
-        workers = children(proc.pid)
-        assert len(workers) >= 2 and proc.poll() is None
+        workers = descendants(proc.pid)
+        assert len(workers) >= processes and proc.poll() is None
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -175,7 +179,8 @@ def test_workers_of_a_loader_in_a_thread_poll_for_their_parent(tmp_path):
     """Off the main thread the kernel's parent-death signal would follow the thread, so the
     workers poll for the parent process instead: still gone right after a kill -9."""
     proc = subprocess.Popen([sys.executable, "-c", LOADER_IN_A_THREAD], env=ENV)
-    assert _workers_gone_after_kill(proc, start_timeout=60.0), "DataLoader workers outlived their killed parent"
+    assert _workers_gone_after_kill(proc, start_timeout=60.0, processes=2), \
+        "DataLoader workers outlived their killed parent"
 
 
 def _file_size_limit(limit: int):

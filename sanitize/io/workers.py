@@ -9,13 +9,21 @@ the parent's pid. The kernel's signal follows the *thread* that started the work
 so it is only asked for when `exit_with_parent()` is called on the main thread (call
 it where the loader is iterated); from any other thread the worker polls instead.
 
-    DataLoader(..., worker_init_fn=exit_with_parent())
+Workers start from a fork server (`worker_context()`), not by forking the caller: by the
+time a loader starts, the caller runs threads (torch's and faiss's OpenMP pools, DuckDB's
+workers, tqdm's monitor), and a fork copies their locks in whatever state they were in,
+which crashed a worker with a segmentation fault now and then. The server is a fresh
+single-threaded process that has imported torch once, so each worker still starts in
+milliseconds.
+
+    DataLoader(..., multiprocessing_context=worker_context(), worker_init_fn=exit_with_parent())
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import multiprocessing
 import os
 import signal
 import sys
@@ -24,6 +32,8 @@ import time
 
 PR_SET_PDEATHSIG = 1
 POLL_SECONDS = 0.2
+# Imported once in the fork server, so that workers forked from it start warm.
+SERVER_PRELOAD = ["torch", "numpy", "PIL.Image", "sanitize.train.batches", "sanitize.stages.embed"]
 
 
 def _ask_kernel() -> bool:
@@ -69,3 +79,13 @@ def exit_with_parent(parent: int | None = None) -> functools.partial:
     `parent` (default: the caller) is gone."""
     main = threading.current_thread() is threading.main_thread()
     return functools.partial(_init, os.getpid() if parent is None else parent, main)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The start method for DataLoader workers: a fork server where the platform has one
+    (Linux, macOS), spawn elsewhere; either way no worker inherits the caller's threads."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(SERVER_PRELOAD)
+    return context

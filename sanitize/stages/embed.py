@@ -26,7 +26,7 @@ import torch
 from ..io.artifacts import EmbedManifest, Embeddings, check_unique_keys, embedding_file_name, file_sha256
 from ..io.pairs import CsvOptions, PairSource, Shard, Skips, open_pairs
 from ..io.shards import atomic_write_bytes
-from ..io.workers import exit_with_parent
+from ..io.workers import exit_with_parent, worker_context
 from ..models.factory import encode_pairs
 from ..train import distributed
 from .config import DTYPES, EmbedConfig
@@ -185,7 +185,8 @@ def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable
 
     dataset = _ShardBatches(todo, transform, tokenizer, batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                         persistent_workers=False, worker_init_fn=exit_with_parent())
+                                         persistent_workers=False, worker_init_fn=exit_with_parent(),
+                                         multiprocessing_context=worker_context() if num_workers else None)
     pending: dict[int, dict[str, list]] = {}
     model = model.to(device).eval()
     start = time.perf_counter()
