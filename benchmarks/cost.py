@@ -217,10 +217,13 @@ def measure_runs(source_path: str, work: Path, epochs: int, rounds: int) -> dict
 
 def table(result: dict) -> str:
     load = result["load_average"]
+    # The measurement itself keeps up to 2 processes busy; a start above that means other jobs ran too.
+    busy = load["start"][0] > 1.5
+    note = ("other jobs were running: the rounds alternate the variants so they share the load alike" if busy
+            else "nothing else was running")
     lines = [DOCS_MARK[0], "",
              f"Measured {result['date']} with `{result['command']}` on {result['machine']}; load average "
-             f"{load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end (other jobs were running: "
-             "the rounds alternate the variants so they share the load alike). Median (min–max) of "
+             f"{load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end ({note}). Median (min–max) of "
              f"{result['rounds']} rounds; one torch thread.", ""]
     if "views" in result:
         v = result["views"]

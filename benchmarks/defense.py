@@ -173,8 +173,9 @@ def asr_by_epoch(run_dir: Path, data: Path, poisoned: Path, log: list[dict],
 def shares_warmup(defense: str) -> bool:
     """Defenses that take their attack's finished safeclip (or resplit) warm-up (`--warmup-from`)
     instead of training their own: every warm-up defense but safeclip itself and the ones
-    with other warm-up settings."""
-    return defense not in ("none", "safeclip", "resplit-clipwarm")
+    with warm-up options of their own."""
+    own = {"--unimodal-epochs", "--clip-epochs", "--clip-lr-scale"} & set(DEFENSE_OPTIONS[defense])
+    return defense not in ("none", "safeclip") and not own
 
 
 def run_cell(work: Path, attack: str, defense: str, epochs: int, output: TextIO | None = None,

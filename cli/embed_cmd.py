@@ -29,7 +29,8 @@ def embed(
     dtype: str = typer.Option(DEFAULTS.dtype, help="Stored embedding precision: float16 or float32."),
     augment: bool = typer.Option(False, "--augment", help="Embed one SafeCLIP-augmented view instead of the plain image."),
     workers: Optional[int] = typer.Option(DEFAULTS.workers, help="DataLoader workers decoding images (each takes "
-                                                                 "whole shards) [half the cores]."),
+                                                                 "whole shards, or a lane of every shard when "
+                                                                 "shards are fewer than workers) [half the cores]."),
     threads: int = typer.Option(DEFAULTS.threads, help="torch CPU threads; 0 = $OMP_NUM_THREADS if set, else one "
                                                        "per core the workers leave free."),
     device: str = typer.Option(DEFAULTS.device, help="auto, cpu, cuda or cuda:N."),

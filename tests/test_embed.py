@@ -22,6 +22,7 @@ from sanitize.io.artifacts import Embeddings
 from sanitize.stages.embed import embed_source
 from sanitize.models.factory import encode_pairs
 from sanitize.io.pairs import open_pairs
+from sanitize.io.shards import write_pairs
 
 runner = CliRunner()
 
@@ -95,6 +96,16 @@ def test_killed_run_resumes_to_byte_identical_output(class_pairs_dir, tiny_check
 def test_worker_count_does_not_change_output(class_pairs_dir, tiny_checkpoint, tmp_path):
     _embed(class_pairs_dir, tiny_checkpoint, tmp_path / "w0", num_workers=0)
     _embed(class_pairs_dir, tiny_checkpoint, tmp_path / "w2", num_workers=2)
+    assert _files(tmp_path / "w0") == _files(tmp_path / "w2")
+
+
+def test_one_shard_decoded_in_lanes_by_every_worker_gives_the_same_file(class_pairs_dir, tiny_checkpoint, tmp_path):
+    """Fewer shards than workers: each worker decodes a lane of the shard; the file is the
+    one a single reader writes (rows in reading order), and no pair is counted twice."""
+    write_pairs(open_pairs(str(class_pairs_dir)), tmp_path / "one", samples_per_shard=1000)
+    whole = _embed(tmp_path / "one", tiny_checkpoint, tmp_path / "w0", num_workers=0)
+    lanes = _embed(tmp_path / "one", tiny_checkpoint, tmp_path / "w2", num_workers=2)
+    assert (whole.shards_done, whole.pairs) == (lanes.shards_done, lanes.pairs) == (1, 120)
     assert _files(tmp_path / "w0") == _files(tmp_path / "w2")
 
 

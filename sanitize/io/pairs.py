@@ -15,6 +15,14 @@ position) is read as `{key}~{n}`, the same on every read. Repeats inside one sha
 are caught as they are read; repeats across shards by `embed` and `split`, which see
 every key (or, with "rename", by a scan of the keys when the source is opened).
 
+Lanes: `shard.in_lane(i, n)` reads every n-th candidate pair of a shard, starting at the
+i-th, so n processes can decode one shard together (embed does this when a source has
+fewer shards than workers). Every lane reads the whole shard's bytes but decodes and
+yields only its own pairs, each with its `position` in the shard, so the lanes' outputs
+merge back into reading order. A pair-level skip is counted by the lane that owns the
+pair, a shard-level one (an unreadable or truncated file) by lane 0 only: the lanes'
+counts add up to one whole read's.
+
 Formats:
   webdataset  img2dataset's webdataset output: NNNNN.tar with {key}.jpg|png|webp,
               {key}.txt, {key}.json (a folder, a brace pattern, or .tar paths)
@@ -27,6 +35,7 @@ Formats:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import glob
 import io
@@ -72,6 +81,7 @@ class Pair:
     image_bytes: bytes
     image_ext: str
     meta: dict = field(default_factory=dict)
+    position: int = -1  # its place among the shard's candidate pairs, in reading order
 
 
 @dataclass
@@ -150,9 +160,25 @@ class Shard:
     path: str
     read: Callable[["Shard", Skips], Iterator[Pair]]
     count_hint: int | None = None
+    lane: tuple[int, int] = (0, 1)  # (this lane, lanes): see the module's docstring
 
     def pairs(self, skips: Skips) -> Iterator[Pair]:
         return self.read(self, skips)
+
+    def in_lane(self, index: int, lanes: int) -> "Shard":
+        """This shard, reading only candidates index, index + lanes, index + 2 lanes, ..."""
+        if not 0 <= index < lanes:
+            raise ValueError(f"lane {index} of {lanes}")
+        return dataclasses.replace(self, lane=(index, lanes))
+
+    def owns(self, position: int) -> bool:
+        """Whether the candidate pair at `position` is this lane's to decode and count."""
+        return position % self.lane[1] == self.lane[0]
+
+    @property
+    def counts_shard_skips(self) -> bool:
+        """Skips of the shard as a whole are counted once, by lane 0."""
+        return self.lane[0] == 0
 
 
 def _unique_keys(earlier: dict[str, int], rename: bool, inner: Callable, shard: Shard,
@@ -197,7 +223,7 @@ _IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image
 
 
 def _make_pair(key: str, caption_bytes: bytes | None, image_bytes: bytes | None, image_ext: str | None,
-               meta: dict, skips: Skips, where: str) -> Pair | None:
+               meta: dict, skips: Skips, where: str, position: int) -> Pair | None:
     """Validate and decode one pair; count and return None when it must be skipped."""
     if image_bytes is None:
         skips.add("missing image", where)
@@ -228,7 +254,7 @@ def _make_pair(key: str, caption_bytes: bytes | None, image_bytes: bytes | None,
     elif image_ext is None or image_ext.lower() not in IMAGE_EXTS:
         image_ext = kept
     return Pair(key=key, caption=caption, image=image, image_bytes=image_bytes,
-                image_ext=image_ext.lower(), meta=meta)
+                image_ext=image_ext.lower(), meta=meta, position=position)
 
 
 # ---- webdataset ------------------------------------------------------------------
@@ -237,7 +263,7 @@ _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # webdataset's key/extensi
 _TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
 
-def _tar_pair(shard: Shard, key: str, members: dict[str, bytes], skips: Skips) -> Pair | None:
+def _tar_pair(shard: Shard, key: str, members: dict[str, bytes], skips: Skips, position: int) -> Pair | None:
     where = f"{shard.name}:{key}"
     image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     meta: dict = {}
@@ -250,7 +276,7 @@ def _tar_pair(shard: Shard, key: str, members: dict[str, bytes], skips: Skips) -
             meta = {}
             skips.add("unreadable json metadata (pair kept)", where)
     return _make_pair(key, members.get("txt"), members.get(image_ext) if image_ext else None,
-                      image_ext, meta, skips, where)
+                      image_ext, meta, skips, where, position)
 
 
 def _ends_cleanly(tar: tarfile.TarFile) -> bool:
@@ -275,16 +301,18 @@ def _read_tar(shard: Shard, skips: Skips) -> Iterator[Pair]:
     order is the tar's own. A group still missing its image or caption when the key
     changes waits until the end instead (a tar made without `--sort=name` can scatter
     a key's members), and is counted with its reason if nothing completes it."""
+    shard_skips = skips if shard.counts_shard_skips else Skips()  # lanes > 0 count pairs only
     try:
         tar = tarfile.open(shard.path, "r")
     except _TAR_ERRORS:
-        skips.add("unreadable tar shard (all its pairs)", shard.name, n=shard.count_hint or 1)
+        shard_skips.add("unreadable tar shard (all its pairs)", shard.name, n=shard.count_hint or 1)
         return
     groups: dict[str, dict[str, bytes]] = {}  # the current group and incomplete ones
     emitted: set[str] = set()
     unsafe: set[str] = set()
     key: str | None = None
     complete = False
+    position = -1
     with tar:
         try:
             for member in tar:
@@ -297,18 +325,20 @@ def _read_tar(shard: Shard, skips: Skips) -> Iterator[Pair]:
                 if not is_safe_key(name):
                     if name not in unsafe:  # one count per pair, not per member
                         unsafe.add(name)
-                        skips.add("unsafe member name (absolute or '..' path; pair skipped)",
+                        shard_skips.add("unsafe member name (absolute or '..' path; pair skipped)",
                                   f"{shard.name}:{member.name!r}")
                     continue
                 if name != key:
                     if key in groups and _has_pair(groups[key]):
                         emitted.add(key)
-                        pair = _tar_pair(shard, key, groups.pop(key), skips)
+                        members = groups.pop(key)
+                        position += 1
+                        pair = _tar_pair(shard, key, members, skips, position) if shard.owns(position) else None
                         if pair is not None:
                             yield pair
                     key = name
                 if name in emitted:
-                    skips.add("tar member after its pair was read (ignored, pair kept)",
+                    shard_skips.add("tar member after its pair was read (ignored, pair kept)",
                               f"{shard.name}:{member.name}")
                     continue
                 group = groups.setdefault(name, {})  # before reading: a cut in the data names this pair
@@ -318,11 +348,14 @@ def _read_tar(shard: Shard, skips: Skips) -> Iterator[Pair]:
             complete = False
     seen = len(emitted) + len(groups)  # pairs met before the end or the cut
     for name, members in groups.items():
+        position += 1
+        if not shard.owns(position):
+            continue
         if not complete and name == key and not _has_pair(members):
             # The cut fell inside this pair; a pair whose image and caption made it is kept.
             skips.add("truncated tar (pair cut off)", f"{shard.name}:{name}")
             continue
-        pair = _tar_pair(shard, name, members, skips)
+        pair = _tar_pair(shard, name, members, skips, position)
         if pair is not None:
             yield pair
     if not complete:
@@ -330,10 +363,10 @@ def _read_tar(shard: Shard, skips: Skips) -> Iterator[Pair]:
         # were; without it the count is unknown and the shard is counted once, by name.
         if shard.count_hint is not None and shard.count_hint <= seen:
             # Only the end-of-archive block is missing: noted, but no pair is lost.
-            skips.add("truncated tar (end missing, no pair lost)", shard.name, n=0)
+            shard_skips.add("truncated tar (end missing, no pair lost)", shard.name, n=0)
         else:
             lost = shard.count_hint - seen if shard.count_hint is not None else 1
-            skips.add("truncated tar (rest of shard lost)", shard.name, n=lost)
+            shard_skips.add("truncated tar (rest of shard lost)", shard.name, n=lost)
 
 
 def _tar_keys(shard: Shard) -> list[str]:
@@ -419,7 +452,8 @@ def _read_parquet(shard: Shard, skips: Skips) -> Iterator[Pair]:
     try:
         parquet = pq.ParquetFile(shard.path)
     except Exception:  # pyarrow raises ArrowInvalid/OSError for a cut or garbled file
-        skips.add("unreadable parquet shard (all its pairs)", shard.name, n=shard.count_hint or 1)
+        if shard.counts_shard_skips:
+            skips.add("unreadable parquet shard (all its pairs)", shard.name, n=shard.count_hint or 1)
         return
     columns = parquet.schema_arrow.names
     # img2dataset names the bytes column after --encode_format: jpg (default), png or webp.
@@ -427,8 +461,10 @@ def _read_parquet(shard: Shard, skips: Skips) -> Iterator[Pair]:
     index = 0
     for batch in parquet.iter_batches(batch_size=256):
         for row in batch.to_pylist():
-            key = _parquet_key(row.get("key"), shard, index)
-            index += 1
+            position, index = index, index + 1
+            if not shard.owns(position):
+                continue
+            key = _parquet_key(row.get("key"), shard, position)
             where = f"{shard.name}:{key}"
             status = row.get("status")
             if status is not None and status != "success":
@@ -444,7 +480,7 @@ def _read_parquet(shard: Shard, skips: Skips) -> Iterator[Pair]:
             meta = {c: row[c] for c in columns
                     if c not in _PARQUET_IMAGE_COLUMNS and c != "caption" and _json_safe(row[c])}
             pair = _make_pair(key, None if caption is None else caption.encode("utf-8"), row[image_col],
-                              image_col, meta, skips, where)
+                              image_col, meta, skips, where, position)
             if pair is not None:
                 yield pair
 
@@ -521,10 +557,13 @@ def _read_csv(options: CsvOptions, shard: Shard, skips: Skips) -> Iterator[Pair]
             except StopIteration:
                 break
             except csv.Error as exc:  # e.g. an over-long field; the reader resumes on the next row
-                skips.add(f"malformed CSV row ({exc})", f"{shard.name}:line {reader.line_num}")
+                if shard.owns(index):
+                    skips.add(f"malformed CSV row ({exc})", f"{shard.name}:line {reader.line_num}")
                 continue
             if not values:
                 index -= 1  # blank line: not a row
+                continue
+            if not shard.owns(index):
                 continue
             where = f"{shard.name}:line {reader.line_num}"
             row = dict(zip(header, values))
@@ -545,7 +584,7 @@ def _read_csv(options: CsvOptions, shard: Shard, skips: Skips) -> Iterator[Pair]
             if _is_text(image_path):
                 meta["filepath"] = image_path
             pair = _make_pair(key, None if caption is None else caption.encode("utf-8", "surrogateescape"),
-                              data, resolved.suffix.lstrip(".").lower() or None, meta, skips, where)
+                              data, resolved.suffix.lstrip(".").lower() or None, meta, skips, where, index)
             if pair is not None:
                 yield pair
 
@@ -594,7 +633,9 @@ def _read_folder(shard: Shard, skips: Skips) -> Iterator[Pair]:
     # Hidden files and folders (.ipynb_checkpoints, macOS ._ files) are not part of a dataset.
     images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS and p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    for image_path in images:
+    for position, image_path in enumerate(images):
+        if not shard.owns(position):
+            continue
         rel = image_path.relative_to(root).with_suffix("")
         key = safe_key(rel.as_posix())
         where = f"{shard.name}:{rel.as_posix()}"
@@ -615,7 +656,7 @@ def _read_folder(shard: Shard, skips: Skips) -> Iterator[Pair]:
                 meta.update(extra)
             except (OSError, ValueError):
                 skips.add("unreadable json metadata (pair kept)", where)
-        pair = _make_pair(key, caption, data, image_path.suffix.lstrip(".").lower(), meta, skips, where)
+        pair = _make_pair(key, caption, data, image_path.suffix.lstrip(".").lower(), meta, skips, where, position)
         if pair is not None:
             yield pair
 

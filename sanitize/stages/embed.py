@@ -1,8 +1,11 @@
 """Embedding every pair with a checkpoint: one Parquet file per input shard.
 
 Each DataLoader worker takes whole shards (worker i reads shards i, i+W, …), so
-decoding runs in workers, a shard's pairs stay in order, and batches never mix
-shards: the output is identical whatever the number of workers or processes.
+decoding runs in workers and batches never mix shards. When a process has fewer
+shards than workers, each shard is read in lanes (io/pairs.py: every worker reads the
+shard's bytes and decodes every W-th pair), so a one-file source still decodes on
+every worker; a shard's file is written once all its lanes are done, its rows put back
+in reading order. The output is identical whatever the number of workers or processes.
 Under `torchrun`, rank r embeds shards r, r+R, … and rank 0 writes `embed.json`.
 A shard's file is written atomically when its last batch is done; a rerun skips
 shards whose file exists, so a killed run resumes where it stopped. `run_embed`
@@ -35,7 +38,7 @@ from .config import DTYPES, EmbedConfig
 
 @dataclass
 class _ShardDone:
-    """Marker a worker yields after a shard's last batch, with its skip counts."""
+    """Marker a worker yields after a shard's (or a lane of it) last batch, with its skip counts."""
 
     shard_index: int
     count: int
@@ -45,6 +48,7 @@ class _ShardDone:
 @dataclass
 class _Batch:
     shard_index: int
+    positions: list[int]
     keys: list[str]
     captions: list[str]
     metas: list[dict]
@@ -85,8 +89,24 @@ class _ShardBatches(torch.utils.data.IterableDataset):
     def _batch(self, index: int, pairs: list) -> _Batch:
         images = torch.stack([self.transform(p.image) for p in pairs])
         captions = [p.caption for p in pairs]
-        return _Batch(index, [p.key for p in pairs], captions, [p.meta for p in pairs], images,
-                      self.tokenizer(captions))
+        return _Batch(index, [p.position for p in pairs], [p.key for p in pairs], captions,
+                      [p.meta for p in pairs], images, self.tokenizer(captions))
+
+
+def lanes_for(shards: int, workers: int) -> int:
+    """How many lanes each shard is read in: enough to give every worker a part when there
+    are fewer shards than workers, one otherwise."""
+    return max(1, workers // shards) if shards else 1
+
+
+def _in_order(parts: dict[str, list]) -> dict[str, list]:
+    """A shard's rows, gathered from its lanes, back in reading order."""
+    order = np.argsort(np.asarray(parts["positions"], dtype=np.int64), kind="stable")
+    image = np.concatenate(parts["image"])[order]
+    text = np.concatenate(parts["text"])[order]
+    pick = lambda values: [values[i] for i in order]  # noqa: E731
+    return {"keys": pick(parts["keys"]), "captions": pick(parts["captions"]), "metas": pick(parts["metas"]),
+            "image": [image], "text": [text]}
 
 
 def _scalar_meta(metas: list[dict]) -> dict[str, list]:
@@ -162,8 +182,10 @@ class EmbedResult:
 def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable, transform: Callable,
                  out_dir: str | os.PathLike, *, batch_size: int = 256, dtype: str = "float16",
                  num_workers: int = 2, device: str = "cpu", rank: int = 0, world_size: int = 1,
-                 on_batch: Callable[[int], None] | None = None) -> EmbedResult:
-    """Embed this rank's shards of `source` into `out_dir`; returns what was done here."""
+                 on_batch: Callable[[int], None] | None = None, lanes: bool = True) -> EmbedResult:
+    """Embed this rank's shards of `source` into `out_dir`; returns what was done here.
+    `lanes`: read shards in lanes when they are fewer than the workers (off for a source
+    whose repeated keys are renamed: the n-th occurrence must be counted in one reader)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose float16 or float32")
     out = Path(out_dir)
@@ -183,20 +205,28 @@ def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable
     if not todo:
         return result
 
-    dataset = _ShardBatches(todo, transform, tokenizer, batch_size)
+    per_shard = lanes_for(len(todo), num_workers) if lanes else 1
+    units = [(index, shard.in_lane(lane, per_shard)) for index, shard in todo for lane in range(per_shard)]
+    dataset = _ShardBatches(units, transform, tokenizer, batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                          persistent_workers=False, worker_init_fn=exit_with_parent(),
                                          multiprocessing_context=worker_context() if num_workers else None)
     pending: dict[int, dict[str, list]] = {}
+    lanes_done: dict[int, int] = {}
     model = model.to(device).eval()
     start = time.perf_counter()
     with torch.inference_mode():
         for item in loader:
             if isinstance(item, _ShardDone):
-                parts = pending.pop(item.shard_index, None)
                 result.skips.merge(item.skips)
+                lanes_done[item.shard_index] = lanes_done.get(item.shard_index, 0) + 1
+                if lanes_done[item.shard_index] < per_shard:
+                    continue
+                parts = pending.pop(item.shard_index, None)
                 if parts is None:  # a shard with no readable pair still gets its (empty) file
-                    parts = {"keys": [], "captions": [], "metas": [], "image": [], "text": []}
+                    parts = _empty_parts()
+                elif per_shard > 1:
+                    parts = _in_order(parts)
                 dim = _embed_dim(model)
                 image_emb = np.concatenate(parts["image"]) if parts["image"] else np.zeros((0, dim), np.float32)
                 text_emb = np.concatenate(parts["text"]) if parts["text"] else np.zeros((0, dim), np.float32)
@@ -206,8 +236,8 @@ def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable
                 result.shards_done += 1
                 continue
             image_emb, text_emb = encode_pairs(model, item.images.to(device), item.tokens.to(device))
-            parts = pending.setdefault(item.shard_index,
-                                       {"keys": [], "captions": [], "metas": [], "image": [], "text": []})
+            parts = pending.setdefault(item.shard_index, _empty_parts())
+            parts["positions"] += item.positions
             parts["keys"] += item.keys
             parts["captions"] += item.captions
             parts["metas"] += item.metas
@@ -218,6 +248,10 @@ def embed_source(source: PairSource, model: torch.nn.Module, tokenizer: Callable
                 on_batch(len(item.keys))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _empty_parts() -> dict[str, list]:
+    return {"positions": [], "keys": [], "captions": [], "metas": [], "image": [], "text": []}
 
 
 def _embed_dim(model: torch.nn.Module) -> int:
@@ -321,7 +355,8 @@ def run_embed(src: str, checkpoint: str | os.PathLike | None, out: str | os.Path
         transform = SeededView(image_size, config.seed + ctx.rank) if config.augment else eval_transform(image_size)
         result = embed_source(source, model, tokenizer, transform, out, batch_size=config.batch_size,
                               dtype=config.dtype, num_workers=workers, device=str(device), rank=ctx.rank,
-                              world_size=ctx.world_size, on_batch=on_batch)
+                              world_size=ctx.world_size, on_batch=on_batch,
+                              lanes=config.duplicate_keys == "error")
         distributed.barrier(ctx)
         manifest = None
         if ctx.is_main and state == "done" and not result.shards_done:
