@@ -314,6 +314,26 @@ def run_parallel(work: Path, cells: list[tuple[str, str]], epochs: int, jobs: in
     return failed
 
 
+# Every cell once: tb@20k is both a size-sweep and a noise-row attack, and a cell listed
+# twice would train two processes into one run folder.
+ALL_CELLS = [(a, d) for a in dict.fromkeys(ATTACKS + SWEEP + NOISE_ROW) for d in DEFENSES + VARIANTS]
+
+
+def select_cells(specs: list[str]) -> list[tuple[str, str]]:
+    """The cells named by `ATTACK:DEFENSE` specs, each once, in the order first named;
+    "*" as the defense means the grid (DEFENSES), an ablation runs only when named."""
+    batch: list[tuple[str, str]] = []
+    for spec in specs:
+        attack, _, defense = spec.partition(":")
+        chosen = [(a, d) for a, d in ALL_CELLS if attack in (a, "*") and (defense == d or
+                                                                           (defense == "*" and d in DEFENSES))]
+        if not chosen:
+            raise SystemExit(f"unknown cell {spec!r}; attacks {ATTACKS + SWEEP + NOISE_ROW[1:]}, "
+                             f"defenses {DEFENSES + VARIANTS}")
+        batch += [c for c in chosen if c not in batch]
+    return batch
+
+
 def portable(text: str, work: Path) -> str:
     """Recorded commands and paths say `bench/...`, not this machine's folder, so the
     cell JSON can be committed and rerun anywhere with `--work bench`."""
@@ -339,24 +359,15 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="list the cells and which are done")
     parser.add_argument("--table", action="store_true", help="write docs/results.md from the cached cells")
     args = parser.parse_args()
-    cells = [(a, d) for a in ATTACKS + SWEEP + NOISE_ROW for d in DEFENSES + VARIANTS]
     if args.list:
-        for attack, defense in cells:
+        for attack, defense in ALL_CELLS:
             done = (args.work / "results" / f"{cell_name(attack, defense, args.epochs)}.json").exists()
             print(f"{'done' if done else '    '}  {attack}:{defense}")
         return
     if args.jobs < 1:
         raise SystemExit("--jobs must be >= 1")
     extra = tuple(shlex.split(args.pretrain_args))
-    batch: list[tuple[str, str]] = []
-    for spec in args.cell:
-        attack, _, defense = spec.partition(":")
-        # "*" means the grid (DEFENSES); an ablation runs only when named
-        chosen = [(a, d) for a, d in cells if attack in (a, "*") and (defense == d or
-                                                                       (defense == "*" and d in DEFENSES))]
-        if not chosen:
-            raise SystemExit(f"unknown cell {spec!r}; attacks {ATTACKS}, defenses {DEFENSES + VARIANTS}")
-        batch += [c for c in chosen if c not in batch]
+    batch = select_cells(args.cell)
     if args.jobs > 1 and len(batch) > 1:
         failed = run_parallel(args.work, batch, args.epochs, args.jobs, extra)
         if failed:

@@ -115,3 +115,14 @@ def test_a_failed_provider_releases_its_waiting_cells(tmp_path: Path, fake_cells
     failed = defense.run_parallel(tmp_path, batch, epochs=5, jobs=1)  # one slot: no deadlock either
     assert failed == [("badnet", "safeclip")]
     assert ("badnet", "clip-score") in fake_cells["started"]
+
+
+def test_each_named_cell_is_run_once() -> None:
+    # tb@20k is in both the size sweep and the noise row: listed twice, two processes
+    # trained into one run folder.
+    assert defense.select_cells(["tb@20k:resplit-separate"]) == [("tb@20k", "resplit-separate")]
+    batch = defense.select_cells(["tb@20k:*", "tb@20k:none", "badnet:resplit-95"])
+    assert len(batch) == len(set(batch)) == len(defense.DEFENSES) + 1
+    assert batch[-1] == ("badnet", "resplit-95")
+    with pytest.raises(SystemExit, match="unknown cell"):
+        defense.select_cells(["badnet:no-such-defense"])
