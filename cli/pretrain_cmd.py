@@ -30,7 +30,7 @@ HELP = {
                   "plain for resplit and the none/clip-score baselines).",
     "score_from_training": "Score each split from the embeddings the previous epoch's training pass computed "
                            "for the pairs it trained as plain pairs, and a no-grad pass over the rest only, "
-                           "instead of a no-grad pass over every pair.",
+                           "instead of a no-grad pass over every pair (resplit: from the third split on).",
     "risky_loss": "What trains the risky partition: unimodal (SafeCLIP's image-only and text-only "
                   "contrastive loss), none (left out), auto (the defense's own).",
     "dedup_tau": "Near-duplicate images (centred image-embedding cosine >= TAU) keep at most one pair in the "

@@ -353,23 +353,40 @@ def test_resplit_trains_plain_clip_on_each_epochs_safe_set_only(full_run, pairs_
     run_full, _ = full_run
     seen = record_batch_kinds(monkeypatch)
     run = tmp_path / "resplit"
-    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), *ARGS,
+    result = runner.invoke(app, ["pretrain", str(pairs_dir), "--out", str(run), *ARGS, "--epochs", "5",
                                  "--warmup-from", str(run_full / "warmup.pt")])
     assert result.exit_code == 0, result.output
     assert "pretrain done (resplit)" in result.output
     records = metrics(run)[2:]
     assert set(seen) == {"plain:clip"}
-    assert [r["n_safe"] for r in records] == [170, 170] and all(r["steps_unimodal"] == 0 for r in records)
+    assert [r["n_safe"] for r in records] == [170] * 3 and all(r["steps_unimodal"] == 0 for r in records)
     assert all(r["pairs"] == 170 for r in records)  # the risky 30 are not trained on
-    assert [r.get("scored_by") for r in records] == ["separate pass", "training pass"]
-    for epoch in (2, 3):
+    # the first two splits by a separate pass, the third from the second epoch's training pass
+    assert [r.get("scored_by") for r in records] == ["separate pass", "separate pass", "training pass"]
+    for epoch in (2, 3, 4):
         manifest = json.loads((run / "splits" / f"epoch={epoch}" / "split.json").read_text())
         assert manifest["dedup"]["tau"] == 0.9999 and manifest["schedule"]["fraction"] == 0.85
         assert not any("--previous" in w for w in manifest["warnings"])  # a fixed share has no r0 to carry
     # the groups are found once, at the first split, and reused by key
     assert (run / "splits" / "epoch=2" / "groups.parquet").exists()
-    later = json.loads((run / "splits" / "epoch=3" / "split.json").read_text())["dedup"]
-    assert later["groups_from"].endswith("epoch=2/groups.parquet")
+    for epoch in (3, 4):
+        later = json.loads((run / "splits" / f"epoch={epoch}" / "split.json").read_text())["dedup"]
+        assert later["groups_from"].endswith("epoch=2/groups.parquet")
+
+
+@pytest.mark.parametrize("defense, options, expected", [
+    ("resplit", {}, [False, False, True, True]),  # the default: the first two splits by a separate pass
+    ("resplit", {"score_from_training": False}, [False] * 4),
+    ("safeclip", {"score_from_training": True}, [False, True, True, True]),
+    ("safeclip", {}, [False] * 4),
+])
+def test_which_splits_reuse_the_training_pass(defense, options, expected):
+    from sanitize.defenses import make_defense
+    from sanitize.stages.config import PretrainConfig
+
+    chosen = make_defense(PretrainConfig.from_options(defense=defense, epochs=8, **options))
+    first = chosen.warm_epochs
+    assert [chosen.split_for(first + k).from_training for k in range(4)] == expected
 
 
 def test_default_defense_is_resplit_and_the_paper_preset_runs_the_papers_loop():

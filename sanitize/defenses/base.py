@@ -64,6 +64,10 @@ class Defense:
     default_score_from_training: ClassVar[bool] = False
     default_risky_loss: ClassVar[str] = "none"       # what --risky-loss auto means
     default_dedup: ClassVar[float] = 0.0             # what --dedup-tau means when not given
+    # With --score-from-training, the first `separate_splits` phase-3 splits are still scored by
+    # a separate pass: the first can be scored no other way, and the first phase-3 epoch moves
+    # the model most, so its training pass's embeddings lag the model that ends it.
+    separate_splits: ClassVar[int] = 1
 
     def __init__(self, config: "PretrainConfig"):
         self.config = config
@@ -91,6 +95,10 @@ class Defense:
         """Whether later splits reuse the training pass's embeddings (stages/scoring.py)."""
         given = self.config.score_from_training
         return self.default_score_from_training if given is None else given
+
+    def scored_from_training(self, k: int) -> bool:
+        """Whether phase-3 split k (0: the first) reuses the previous epoch's training pass."""
+        return self.score_from_training and k >= self.separate_splits
 
     @property
     def trains_unimodal(self) -> bool:

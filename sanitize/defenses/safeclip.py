@@ -23,7 +23,7 @@ class SafeCLIP(Defense):
         k = epoch - self.warm_epochs
         return SplitRequest(at=epoch, schedule=self.schedule, schedule_epoch=k, ranking=self.config.ranking,
                             previous=self.warm_epochs if k > 0 else None,
-                            from_training=self.score_from_training and k > 0, dedup=self.dedup)
+                            from_training=self.scored_from_training(k), dedup=self.dedup)
 
     def streams(self, epoch, split):
         risky = [Stream("unimodal", "unimodal", "risky")] if self.risky_loss == "unimodal" else []
