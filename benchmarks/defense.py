@@ -376,6 +376,10 @@ def main() -> None:
         for a, d in batch:
             run_cell(args.work, a, d, args.epochs, pretrain_args=extra)
     if args.table:
+        try:
+            import matplotlib  # noqa: F401  (the figures)
+        except ImportError:
+            raise SystemExit("--table draws its figures with matplotlib: pip install -e '.[bench]'") from None
         from results_table import write_results  # beside this script
 
         write_results(args.work / "results", Path(__file__).resolve().parents[1] / "docs")
