@@ -316,7 +316,8 @@ def run_parallel(work: Path, cells: list[tuple[str, str]], epochs: int, jobs: in
 
 # Every cell once: tb@20k is both a size-sweep and a noise-row attack, and a cell listed
 # twice would train two processes into one run folder.
-ALL_CELLS = [(a, d) for a in dict.fromkeys(ATTACKS + SWEEP + NOISE_ROW) for d in DEFENSES + VARIANTS]
+ATTACK_NAMES = tuple(dict.fromkeys(ATTACKS + SWEEP + NOISE_ROW))
+ALL_CELLS = [(a, d) for a in ATTACK_NAMES for d in DEFENSES + VARIANTS]
 
 
 def select_cells(specs: list[str]) -> list[tuple[str, str]]:
@@ -328,8 +329,7 @@ def select_cells(specs: list[str]) -> list[tuple[str, str]]:
         chosen = [(a, d) for a, d in ALL_CELLS if attack in (a, "*") and (defense == d or
                                                                            (defense == "*" and d in DEFENSES))]
         if not chosen:
-            raise SystemExit(f"unknown cell {spec!r}; attacks {ATTACKS + SWEEP + NOISE_ROW[1:]}, "
-                             f"defenses {DEFENSES + VARIANTS}")
+            raise SystemExit(f"unknown cell {spec!r}; attacks {ATTACK_NAMES}, defenses {DEFENSES + VARIANTS}")
         batch += [c for c in chosen if c not in batch]
     return batch
 

@@ -18,8 +18,8 @@ from .schedule import parse_schedule
 @register
 class Resplit(Defense):
     """Warm-up; then every epoch: score (from the third split on, the training pass's
-    plain-pair embeddings plus a no-grad pass over the rest), split to a fixed safe share with near-duplicate groups
-    capped at one pair, and train plain CLIP on the safe set."""
+    plain-pair embeddings plus a no-grad pass over the rest), split to a fixed safe share
+    with near-duplicate groups capped at one pair, and train plain CLIP on the safe set."""
 
     name = "resplit"
     default_schedule = "fraction:0.85"

@@ -167,7 +167,7 @@ class PairBatches(IterableDataset):
 def make_loader(dataset: PairBatches, num_workers: int = 0) -> DataLoader:
     """A DataLoader over ready-made batches. Its own generator keeps worker seeding
     from consuming the global torch RNG (our randomness is explicit anyway); its
-    workers start from a fork server and exit with this process (io/workers.py)."""
+    workers start from a fork server and exit with this process (sanitize.io.workers)."""
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(dataset.seed),
                       persistent_workers=False, prefetch_factor=4 if num_workers else None,
