@@ -41,7 +41,7 @@ from sanitize.io.pairs import SIZES_FILE
 from sanitize.io.artifacts import Run, kinds_by_key, poison_manifest_path, warmup_finished  # noqa: F401
 
 from cells import (ATTACKS, DATASETS, DEFAULT_DATA, DEFAULT_EPOCHS, DEFENSE_OPTIONS, DEFENSES, NOISE_ROW,  # noqa
-                   SWEEP, VARIANTS, attack_steps, cell_name, run_folder, split_attack)
+                   STRONGER, SWEEP, VARIANTS, attack_steps, cell_name, run_folder, split_attack)
 
 def safeclip() -> list[str]:
     exe = shutil.which("safeclip")
@@ -316,7 +316,7 @@ def run_parallel(work: Path, cells: list[tuple[str, str]], epochs: int, jobs: in
 
 # Every cell once: tb@20k is both a size-sweep and a noise-row attack, and a cell listed
 # twice would train two processes into one run folder.
-ATTACK_NAMES = tuple(dict.fromkeys(ATTACKS + SWEEP + NOISE_ROW))
+ATTACK_NAMES = tuple(dict.fromkeys(ATTACKS + SWEEP + NOISE_ROW + STRONGER))
 ALL_CELLS = [(a, d) for a in ATTACK_NAMES for d in DEFENSES + VARIANTS]
 
 

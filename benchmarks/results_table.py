@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cells import ATTACKS, DATASETS, DEFENSES, NOISE_ROW, SWEEP, TB_COUNTS, VARIANTS, cell_name
+from cells import ATTACKS, DATASETS, DEFENSES, NOISE_ROW, STRONGER, SWEEP, TB_COUNTS, VARIANTS, cell_name
 
 ALL_DEFENSES = DEFENSES + VARIANTS
 # An attack "took" when its ASR is at least this far above the no-trigger rate.
@@ -204,7 +204,8 @@ def variant_cells(results: Path, docs: Path) -> dict[tuple[str, str, int], dict]
 def variant_row(cell: dict) -> str:
     attack, defense, epochs = cell["attack"], cell["defense"], cell["epochs"]
     ev = cell["eval"]
-    data = attack.split("@", 1)[1]
+    base, data = attack.split("@", 1)
+    data = data if base == "tb" else f"{data}, {base}"  # another attack than the sweep's at that size
     name = cell_name(attack, defense, epochs)
     return (f"| {data} | {defense} | {epochs} | {_pct(ev['zero_shot']['top1'])} | {attack_success(cell)} "
             f"| {_first_split(cell)} | {train_time(cell)} | [json](results/{name}.json) |")
@@ -214,7 +215,7 @@ def sweep_lines(cells: dict[tuple[str, str, int], dict]) -> list[str]:
     """The size sweep, the noise row and the 20k decomposition as one table, sorted by data."""
     if not cells:
         return []
-    order = {a: i for i, a in enumerate(SWEEP + tuple(a for a in NOISE_ROW if a not in SWEEP))}
+    order = {a: i for i, a in enumerate(dict.fromkeys(SWEEP + NOISE_ROW + STRONGER))}
     rows = [variant_row(c) for _, c in sorted(cells.items(), key=lambda kv: (
         order.get(kv[0][0], 99), kv[0][2], ALL_DEFENSES.index(kv[0][1]) if kv[0][1] in ALL_DEFENSES else 99))]
     ran = {a.split("@", 1)[1] for a, _, _ in cells}
