@@ -8,6 +8,10 @@ Grammar (SPEC), documented in docs/split.md:
       previous split of the run, else from this fit at p_clean >= T.
   fraction:F    safe = top F of all pairs by p_clean, at every epoch.
   threshold:T   safe = p_clean >= T, at every epoch.
+  estimate[:margin=M,cap=C,floor=L]
+      safe = top (1 - w - M) of all pairs by p_clean, where w is the share of mismatched
+      pairs estimated at this split from a shuffled-caption null (defenses/mismatch.py),
+      kept within [L, C] (defaults M=0.01, C=0.95, L=0.3).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEDULES = ("safeclip", "fraction", "threshold")
+SCHEDULES = ("safeclip", "fraction", "threshold", "estimate")
+ESTIMATE_DEFAULTS = {"margin": 0.01, "cap": 0.95, "floor": 0.3}
+KEYS = {"safeclip": ("threshold", "step", "cap", "r0"), "estimate": tuple(ESTIMATE_DEFAULTS)}
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,8 @@ class Schedule:
     cap: float = 0.85
     fraction: float | None = None
     r0: float | None = None
+    margin: float | None = None   # estimate only
+    floor: float | None = None    # estimate only
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -47,13 +55,14 @@ def _number(text: str, name: str, spec: str, lo: float = 0.0, hi: float = 1.0) -
 
 
 def parse_schedule(spec: str) -> Schedule:
-    """Parse `safeclip[:k=v,...]`, `fraction:F` or `threshold:T` (see the module doc)."""
+    """Parse `safeclip[:k=v,...]`, `fraction:F`, `threshold:T` or `estimate[:k=v,...]` (see the module doc)."""
     text = spec.strip()
     name, _, args = text.partition(":")
     name = name.strip().lower()
     if name not in SCHEDULES:
         raise ValueError(f"ratio schedule {spec!r}: unknown kind {name!r}; use one of "
-                         "safeclip[:threshold=T,step=S,cap=C,r0=R], fraction:F, threshold:T")
+                         "safeclip[:threshold=T,step=S,cap=C,r0=R], fraction:F, threshold:T, "
+                         "estimate[:margin=M,cap=C,floor=L]")
     if name in ("fraction", "threshold"):
         if not args.strip():
             raise ValueError(f"ratio schedule {spec!r}: {name} needs a value, e.g. {name}:0.3")
@@ -61,15 +70,21 @@ def parse_schedule(spec: str) -> Schedule:
         return (Schedule("fraction", text, fraction=value) if name == "fraction"
                 else Schedule("threshold", text, threshold=value))
     params: dict[str, float] = {}
+    allowed = KEYS[name]
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, value = item.partition("=")
         key = key.strip().lower()
-        if not eq or key not in ("threshold", "step", "cap", "r0"):
-            raise ValueError(f"ratio schedule {spec!r}: expected threshold=, step=, cap= or r0=, got {item!r}")
+        if not eq or key not in allowed:
+            raise ValueError(f"ratio schedule {spec!r}: expected {', '.join(k + '=' for k in allowed)}; "
+                             f"got {item!r}")
         if key in params:
             raise ValueError(f"ratio schedule {spec!r}: {key} given twice")
         params[key] = _number(value.strip(), key, spec)
-    return Schedule("safeclip", text, **params)
+    if name == "estimate":
+        params = {**ESTIMATE_DEFAULTS, **params}
+        if params["floor"] > params["cap"]:
+            raise ValueError(f"ratio schedule {spec!r}: floor {params['floor']} is above cap {params['cap']}")
+    return Schedule(name, text, **params)
 
 
 @dataclass(frozen=True)
@@ -88,11 +103,17 @@ def round_count(ratio: float, n: int) -> int:
 
 
 def plan_split(schedule: Schedule, epoch: int, p_clean: np.ndarray, previous_r0: float | None = None,
-               previous_source: str | None = None) -> Plan:
-    """Apply the schedule at `epoch` to this fit's posteriors."""
+               previous_source: str | None = None, mismatched: float | None = None) -> Plan:
+    """Apply the schedule at `epoch` to this fit's posteriors (`estimate`: and to the
+    estimated share of mismatched pairs)."""
     n = int(p_clean.size)
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if schedule.kind == "estimate":
+        if mismatched is None:
+            raise ValueError("the estimate schedule needs the estimated share of mismatched pairs")
+        ratio = min(schedule.cap, max(schedule.floor, 1.0 - mismatched - schedule.margin))
+        return Plan(round_count(ratio, n), ratio, None, None)
     at_threshold = int(np.count_nonzero(p_clean >= schedule.threshold))
     if schedule.kind == "threshold":
         return Plan(at_threshold, at_threshold / n if n else 0.0, None, None)

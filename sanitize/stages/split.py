@@ -20,6 +20,9 @@ Schedule grammar (SPEC), documented in docs/split.md:
       else from this fit at p_clean >= T.
   fraction:F    safe = top F of all pairs by p_clean, at every epoch.
   threshold:T   safe = p_clean >= T, at every epoch.
+  estimate[:margin=M,cap=C,floor=L]
+      safe = top (1 - w - M) of all pairs by p_clean, within [L, C], where w is the
+      mismatched share estimated from a shuffled-caption null (defenses/mismatch.py).
 Ties in p_clean are broken by the unrounded log-odds, then similarity (higher
 first), then key (ascending), then input order: the ranking is deterministic.
 
@@ -46,6 +49,7 @@ import pyarrow.parquet as pq
 
 from ..defenses.duplicates import find_groups, groups_by_key, one_per_group, write_groups
 from ..defenses.gmm import clean_log_odds, fit_mixture, posterior_from_log_odds, separation, split_warnings
+from ..defenses.mismatch import estimate_from_files
 from ..defenses.schedule import Schedule, parse_schedule, plan_split
 from ..io.artifacts import PARTITIONS, Embeddings, Split, SplitManifest, check_unique_keys
 from ..io.shards import remove_stale_temps, temp_path, write_error
@@ -364,13 +368,19 @@ def _fit_and_rank(files: list[EmbFile], schedule: Schedule, epoch: int, fit_samp
     if n_bad:
         log_odds[~finite] = -np.inf
     p_clean = posterior_from_log_odds(log_odds)
-    plan = plan_split(schedule, epoch, p_clean, previous_r0, previous_source)
+    mismatched = None
+    if schedule.kind == "estimate":  # reads a sample's embeddings: only when the schedule needs it
+        mismatched = estimate_from_files([f.path for f in files], [f.rows for f in files], similarity, seed=seed)
+    plan = plan_split(schedule, epoch, p_clean, previous_r0, previous_source,
+                      mismatched=mismatched.share if mismatched else None)
     if plan.n_safe > n - n_bad:  # fraction:1 or threshold:0 must not make unscored pairs safe
         plan = dataclasses.replace(plan, n_safe=n - n_bad)
     ranked = strategy(RankInputs(log_odds, np.where(finite, similarity, -np.inf), keys, files, seed,
                                  plan.n_safe, options, track))
     warnings.extend(ranked.warnings)
     order, extra = ranked.order, dict(ranked.manifest)
+    if mismatched is not None:
+        extra["mismatched"] = mismatched.as_dict()
     groups = None
     if dedup:  # at most one pair of each near-duplicate image group in the safe set (defenses/duplicates.py)
         groups = (groups_by_key(groups_from, keys, dedup) if groups_from is not None
@@ -400,7 +410,7 @@ def _manifest(emb: str | os.PathLike, files: list[EmbFile], schedule: Schedule, 
     info = Embeddings(emb).info()
     return SplitManifest(
         epoch=epoch, schedule=schedule.as_dict(), ratio=r.plan.ratio, r0=r.plan.r0, r0_source=r.plan.r0_source,
-        threshold=schedule.threshold if schedule.kind != "fraction" else None,
+        threshold=schedule.threshold if schedule.kind in ("safeclip", "threshold") else None,
         p_clean_cutoff=float(r.p_clean[r.safe_rows].min()) if n_safe else None,
         similarity_cutoff=float(r.similarity[r.safe_rows].min()) if n_safe else None,
         counts={"total": n, "safe": n_safe, "risky": n - n_safe, "no_similarity": int(n - r.finite.sum()),
