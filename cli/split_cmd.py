@@ -9,7 +9,7 @@ import typer
 from .common import done, progress, user_errors, warn
 
 SPEC_SHORT = ("Ratio schedule SPEC: safeclip[:threshold=T,step=S,cap=C,r0=R] | fraction:F | threshold:T "
-              "(see above).")
+              "| estimate[:margin=M,cap=C,floor=L] (see above).")
 
 # Typer keeps single newlines of help text, so every paragraph is one string.
 HELP = "\n\n".join([
@@ -23,7 +23,10 @@ HELP = "\n\n".join([
     "(defaults S=0.01, C=0.85), with r0 from R, else from --previous, else recomputed from this fit at "
     "p_clean >= T.",
     "SPEC fraction:F: safe = top F (0..1) of all pairs by p_clean. SPEC threshold:T: safe = p_clean >= T.",
-    "Examples: safeclip | safeclip:step=0.02,cap=0.8 | fraction:0.3 | threshold:0.95",
+    "SPEC estimate[:margin=M,cap=C,floor=L]: safe = top 1 - w - M of all pairs by p_clean, kept within [L, C] "
+    "(defaults M=0.01, C=0.95, L=0.3), where w is the share of mismatched pairs estimated from the pairs "
+    "themselves against a shuffled-caption null (split.json: mismatched; docs/split.md).",
+    "Examples: safeclip | safeclip:step=0.02,cap=0.8 | fraction:0.3 | threshold:0.95 | estimate",
     "--ranking global (default, the paper's) takes the top of all pairs. --ranking balanced clusters the pairs "
     "(faiss spherical k-means, --clusters K on --cluster-on joint|image|text embeddings) and takes the same "
     "total count as the schedule, shared out over the clusters by size, each filled by its own best p_clean: "

@@ -47,8 +47,10 @@ def write_embed_manifest(emb: Path, source: str | None = None, source_format: st
 def write_emb(emb: Path, shards: dict[str, np.ndarray], dim: int = 8, dtype=np.float16,
               keys: dict[str, list[str]] | None = None, source: str | None = None,
               source_format: str = "webdataset", seed: int = 0, with_url: bool = True,
-              captions: dict[str, list[str]] | None = None) -> Path:
-    """Write one Parquet file per shard name -> similarities, plus embed.json."""
+              captions: dict[str, list[str]] | None = None,
+              vectors: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+    """Write one Parquet file per shard name -> similarities, plus embed.json. `vectors`:
+    the image and text embeddings of a shard, when the test needs their geometry too."""
     rng = np.random.default_rng(seed)
     emb.mkdir(parents=True, exist_ok=True)
     value_type = pa.float16() if dtype == np.float16 else pa.float32()
@@ -56,7 +58,8 @@ def write_emb(emb: Path, shards: dict[str, np.ndarray], dim: int = 8, dtype=np.f
         sims = np.asarray(sims, dtype=np.float32)
         n = sims.size
         shard_keys = keys[name] if keys else [f"{index:05d}{i:04d}" for i in range(n)]
-        u, t = unit_pairs(np.nan_to_num(sims.astype(np.float64)), dim, rng)
+        u, t = vectors[name] if vectors else unit_pairs(np.nan_to_num(sims.astype(np.float64)), dim, rng)
+        dim = u.shape[1]
         labels = rng.integers(0, 10, n)
         columns = {
             "key": pa.array(shard_keys, pa.string()),

@@ -5,7 +5,9 @@ pairs themselves give that null: pair every sampled image with another sampled p
 and score again. If a share w of the pairs is mismatched, the data's CDF is at least w times
 the null's CDF wherever clean pairs are rare (the null's bulk), so the smallest ratio
 data-CDF / null-CDF over the null's 5th-75th percentiles bounds w from above, and is close to
-it when clean pairs seldom score that low. The two-component mixture's clean weight is not
+it when clean pairs seldom score that low. It errs high by the share of shuffled captions that
+happen to fit their image (about 1/classes: 10 classes make it truth / 0.9), which keeps out a
+little more than needed. The two-component mixture's clean weight is not
 used: clean pairs of confusable classes form a long low tail that the fit assigns to the risky
 side (measured in docs/research.md, question 6: 14-17% mismatched by the mixture where 3.2%
 are, 3.0-3.3% by this estimate).
