@@ -27,7 +27,8 @@ def demo(
                                             "--help`; safeclip = the paper's first-split rule)."),
     dedup_tau: float = typer.Option(DEFAULTS.dedup_tau, help="Near-duplicate images (centred image-embedding "
                                                              "cosine >= TAU) keep at most one pair in the safe "
-                                                             "set, as pretrain's default defense; 0 = off."),
+                                                             "set (a group of more than 4 none), as pretrain's "
+                                                             "default defense; 0 = off."),
     workers: int = typer.Option(DEFAULTS.workers, help="DataLoader workers for embedding."),
     threads: int = typer.Option(0, help="torch threads for the warm-up; 0 = one per core but one. The "
                                         "numbers depend a little on it (floating-point order)."),

@@ -34,7 +34,7 @@ HELP = {
     "risky_loss": "What trains the risky partition: unimodal (SafeCLIP's image-only and text-only "
                   "contrastive loss), none (left out), auto (the defense's own).",
     "dedup_tau": "Near-duplicate images (centred image-embedding cosine >= TAU) keep at most one pair in the "
-                 "safe set; 0 = off [the defense's own].",
+                 "safe set, a group of more than 4 none; 0 = off [the defense's own].",
     "warmup_from": "Take phases 1-2 from this finished warm-up checkpoint (`safeclip warmup`'s output or another "
                    "run's RUN/warmup.pt) instead of training them; its settings must match this run's.",
     "ratio_schedule": "Split schedule, as `safeclip split`: safeclip[:threshold=T,step=S,cap=C,r0=R], "

@@ -58,8 +58,8 @@ def split(
                                                                       "pairs (default 200000)."),
     dedup_tau: float = typer.Option(0.0, "--dedup-tau", min=0.0, max=1.0,
                                     help="Near-duplicate images (centred image-embedding cosine >= TAU, e.g. "
-                                         "0.9999) keep at most one pair in the safe set, the count refilled by "
-                                         "the next-best pairs; 0 = off."),
+                                         "0.9999) keep at most one pair in the safe set (a group of more than 4: "
+                                         "none), the count refilled by the next-best pairs; 0 = off."),
     force: bool = typer.Option(False, "--force", help="Replace an existing split in OUT."),
 ) -> None:
     """Split embedded pairs into safe and risky partitions (help text: HELP)."""

@@ -59,7 +59,17 @@ def test_one_per_group_keeps_the_best_and_refills_the_safe_count():
     assert moved == 0 and sorted(out[:8].tolist()) == list(range(8))
 
 
-def test_split_with_dedup_admits_one_copy(tmp_path):
+def test_a_group_larger_than_the_limit_keeps_none_in_the_safe_set():
+    order = np.array([5, 2, 7, 1, 0, 3, 6, 4])
+    labels = np.array([-1, 9, 9, -1, 9, -1, 8, 8])  # rows 1, 2, 4: a group of 3; rows 6, 7: of 2
+    out, moved = one_per_group(order, labels, n_safe=4, max_group=2)
+    assert out[:4].tolist() == [5, 7, 0, 3] and moved == 2  # rows 2 and 1 out; 0 and 3 in
+    assert sorted(out.tolist()) == list(range(8))
+    out, _ = one_per_group(order, labels, n_safe=4, max_group=3)  # within the limit: its best stays
+    assert out[:4].tolist() == [5, 2, 7, 0]
+
+
+def test_split_with_dedup_admits_no_copy_of_a_large_group(tmp_path):
     image, similarity = _data()
     _write(tmp_path / "emb", image, similarity)
     plain = split(tmp_path / "emb", tmp_path / "plain", "fraction:0.8").manifest
@@ -70,12 +80,12 @@ def test_split_with_dedup_admits_one_copy(tmp_path):
 
     copies = {f"{i:06d}" for i in range(21)}
     assert copies <= safe("plain")  # high similarity: every copy is safe without grouping
-    assert len(copies & safe("dedup")) == 1
+    assert not copies & safe("dedup")  # 21 copies: more than MAX_KEPT_GROUP, none kept
     assert plain.counts["safe"] == dedup.counts["safe"] == 320  # the count is the schedule's, refilled
     assert dedup.extra["dedup"] == {"tau": 0.9999, "groups": 1, "pairs_in_groups": 21, "largest_group": 21,
-                                    "left_safe_set": 20}
+                                    "left_safe_set": 21}
     written = json.loads((tmp_path / "dedup" / "split.json").read_text())
-    assert written["dedup"]["left_safe_set"] == 20 and "dedup" not in plain.extra
+    assert written["dedup"]["left_safe_set"] == 21 and "dedup" not in plain.extra
 
 
 def test_hash_buckets_find_the_same_groups_at_scale(tmp_path):
@@ -92,7 +102,7 @@ def test_hash_buckets_find_the_same_groups_at_scale(tmp_path):
 
 def test_a_later_split_reuses_the_first_splits_groups_by_key(tmp_path):
     """Copies embedded by different weights (training-pass scores) drift apart and would no
-    longer group; a later split that reuses the first split's groups still admits one copy."""
+    longer group; a later split that reuses the first split's groups still keeps them out."""
     import pytest
 
     image, similarity = _data()
@@ -115,7 +125,7 @@ def test_a_later_split_reuses_the_first_splits_groups_by_key(tmp_path):
     assert fresh.extra["dedup"]["groups"] == 0 and copies_safe("fresh") == 21  # found again: nothing groups
     reused = split(tmp_path / "emb2", tmp_path / "reused", "fraction:0.8", dedup=0.9999,
                    dedup_groups=tmp_path / "first").manifest
-    assert copies_safe("reused") == 1 and reused.extra["dedup"]["left_safe_set"] == 20
+    assert copies_safe("reused") == 0 and reused.extra["dedup"]["left_safe_set"] == 21
     assert reused.extra["dedup"]["groups_from"].endswith("groups.parquet")
     with pytest.raises(ValueError, match="no groups.parquet"):
         split(tmp_path / "emb2", tmp_path / "x", "fraction:0.8", dedup=0.9999, dedup_groups=tmp_path / "fresh2")

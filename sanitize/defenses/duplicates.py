@@ -7,7 +7,9 @@ groups of copies into the CLIP loss (121-280 copies of 16 targets at 85-95% safe
 20,000-pair proxy, docs/results.md). Keeping at most one pair of every group of
 near-identical images in the safe set bounds what any such group can teach, whatever
 the model currently believes; a genuine duplicate in clean data loses only its extra
-copies, which teach little anyway.
+copies, which teach little anyway. A group larger than `MAX_KEPT_GROUP` keeps none: many
+copies of one image are the attack's signature, and the one kept copy of such a group, with
+its adversarial caption, is still a poison.
 
 Groups are connected components of the graph joining two pairs whose image embeddings,
 centred (the mean embedding subtracted: after a short warm-up every embedding sits in a
@@ -33,6 +35,11 @@ import pyarrow.parquet as pq
 from .balance import BATCH_ROWS, vectors_to_numpy
 
 DEFAULT_TAU = 0.9999
+# A group of more near-identical images than this keeps none in the safe set. Clean duplicates
+# come in twos to fours here (the 60k benchmark: 15 pairs, one triple, one quadruple); targeted
+# poisoning brings 25 copies, and one of them in the safe set every epoch flipped a target at
+# 20% caption noise (docs/research.md, question 7).
+MAX_KEPT_GROUP = 4
 NEIGHBOURS = 32          # a group larger than this is still found whole: components join through members
 # Up to this many pairs the search is exact (faiss flat inner product: time grows with the square
 # of the pairs, about a minute at 1M on 2 cores); beyond, pairs are bucketed by SimHash codes.
@@ -167,17 +174,21 @@ def find_groups(paths: Sequence[str], n_rows: int, tau: float = DEFAULT_TAU, see
     return Groups(_components(count, rows, cols), tau)
 
 
-def one_per_group(order: np.ndarray, labels: np.ndarray, n_safe: int) -> tuple[np.ndarray, int]:
+def one_per_group(order: np.ndarray, labels: np.ndarray, n_safe: int,
+                  max_group: int = MAX_KEPT_GROUP) -> tuple[np.ndarray, int]:
     """The ranking `order` (row indices, most clean first) with every group's members after its
-    best-ranked one moved behind the first `n_safe` rows that remain, so the safe set holds at
-    most one pair of a group and is still filled by the next-best pairs. Returns the new order
-    and how many pairs left the safe set."""
+    best-ranked one moved behind the first `n_safe` rows that remain, and every member of a group
+    larger than `max_group` with them, so the safe set holds at most one pair of a small group,
+    none of a large one, and is still filled by the next-best pairs. Returns the new order and
+    how many pairs left the safe set."""
     grouped = labels[order] >= 0
     first = np.zeros(len(order), dtype=bool)
+    large = np.zeros(len(order), dtype=bool)
     if grouped.any():
-        _, at = np.unique(labels[order][grouped], return_index=True)
+        names, at, sizes = np.unique(labels[order][grouped], return_index=True, return_counts=True)
         first[np.flatnonzero(grouped)[at]] = True
-    extra = grouped & ~first                      # a group's second, third, ... member by rank
+        large[np.flatnonzero(grouped)] = np.isin(labels[order][grouped], names[sizes > max_group])
+    extra = grouped & (~first | large)            # a group's second, third, ... member by rank; all of a large one
     allowed = order[~extra]
     out = np.concatenate([allowed[:n_safe], order[extra], allowed[n_safe:]])
     # With fewer allowed rows than n_safe (fraction:1, say) the best extra members fill the safe set again.
