@@ -125,3 +125,17 @@ def test_data_variants_get_the_size_section_not_the_longer_runs(tmp_path: Path) 
     row = [line for line in sweep_lines(cells) if line.startswith("| 20k |")]
     assert row == ["| 20k | resplit | 10 | 84.2% | TDPA 0/16; badnet 0.5% (0.2%) | 17,425 (67 badnet) → 17,425 "
                    "(no poison) | 10 min | [json](results/tb@20k__resplit__10_epochs.json) |"]
+
+
+def test_another_attack_at_a_sweep_size_is_named_in_its_row(tmp_path: Path) -> None:
+    from results_table import sweep_lines, variant_cells
+
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    (docs / "results").mkdir(parents=True)
+    for attack, asr in (("tb@20k", 0.86), ("wanet-s4@20k", 0.636)):
+        (results / f"{attack}__none__10_epochs.json").write_text(
+            json.dumps(make_cell(attack, "none", 10, 0.842, asr=asr)))
+    lines = sweep_lines(variant_cells(results, docs))
+    rows = [line.split(" | ")[0:2] for line in lines if line.startswith("| 20k")]
+    assert rows == [["| 20k", "none"], ["| 20k, wanet-s4", "none"]]  # the sweep's attack first
