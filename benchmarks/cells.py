@@ -62,9 +62,9 @@ DEFENSE_OPTIONS = {
     "resplit-unimodal": ["--defense", "resplit", "--dedup-tau", "0", "--risky-loss", "unimodal"],
     "resplit-cross": ["--defense", "resplit", "--dedup-tau", "0", "--risky-loss", "unimodal", "--clip-views", "cross"],
     "resplit-95": ["--defense", "resplit", "--ratio-schedule", "fraction:0.95"],
-    "resplit-separate": ["--defense", "resplit", "--score-separately"],
+    "resplit-separate": ["--defense", "resplit", "--score-separately"],  # score-from-training's check
     # the safe share from the data: 1 - the estimated mismatched share - 1%, within [30%, 95%]
-    "resplit-estimate": ["--defense", "resplit", "--ratio-schedule", "estimate"],  # score-from-training's check
+    "resplit-estimate": ["--defense", "resplit", "--ratio-schedule", "estimate"],
     # a cheaper warm-up: two plain CLIP epochs at 0.1 x lr, no unimodal epoch (its own warm-up, not shared)
     "resplit-clipwarm": ["--defense", "resplit", "--unimodal-epochs", "0", "--clip-epochs", "2"],
     # the shortest warm-up: one plain CLIP epoch at the full lr on every pair, then re-split from epoch 2

@@ -34,3 +34,12 @@ def test_null_estimates_find_the_mismatched_share() -> None:
     clean_text = unit(closeness * image + rng.normal(size=(n, dim)) / np.sqrt(dim))
     clean = np.einsum("ij,ij->i", image, clean_text)
     assert max(clean_share.mismatched_share(image, clean_text, clean)) < 0.01
+
+
+def test_poisons_in_top_counts_by_similarity_rank() -> None:
+    import leaks_by_share
+
+    similarity = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4, 0.5, 0.05])
+    is_poison = np.array([False, True, False, False, True, False, False, True, False, False])
+    # ranks: 0.9, 0.8, 0.7 (poison), 0.6, 0.5, 0.4 (poison), 0.3, 0.2, 0.1 (poison), 0.05
+    assert leaks_by_share.poisons_in_top(similarity, is_poison, (0.2, 0.3, 0.5, 0.6, 0.9, 1.0)) == [0, 1, 1, 2, 3, 3]
