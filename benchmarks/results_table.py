@@ -68,6 +68,17 @@ def attack_did_not_take(cell: dict | None) -> bool:
     return bool(rows) and all(r["asr"] - r["no_trigger"] < TOOK for r in rows)
 
 
+def why_not_run(attack: str, defense: str, cells: dict, long_cells: dict[int, dict]) -> str:
+    """The reason a grid row is empty, when one is known: the attack did not take without
+    defense, or the cell ran at more epochs only ("Longer runs")."""
+    longer = any(attack == a for c in long_cells.values() for a, _ in c)
+    if attack_did_not_take(cells.get((attack, "none"))):
+        return " (the attack did not take without defense" + ("; see Longer runs)" if longer else ")")
+    if any((attack, defense) in c for c in long_cells.values()):
+        return " at these epochs (measured at more: see Longer runs)"
+    return ""
+
+
 def target_checks(cells: dict, suffix: str = "") -> list[str]:
     """The issue's targets, checked against every cell that can speak to them (each cell
     against the undefended cell of the same attack and epochs)."""
@@ -292,18 +303,14 @@ def write_results(results: Path, docs: Path) -> None:
     (docs / "results").mkdir(parents=True, exist_ok=True)
     long_cells, long_lines = long_runs(results, docs)
     variants = variant_cells(results, docs)
-    long_attacks = {a for c in long_cells.values() for a, _ in c}
     for attack in ("all",) + tuple(a for a in ATTACKS if a != "all"):  # the all-attacks row first
         for defense in ALL_DEFENSES:
             path = results / f"{attack}__{defense}.json"
             if not path.exists() and defense in VARIANTS:
                 continue  # ablations appear once run
             if not path.exists():
-                reason = ""
-                if attack_did_not_take(cells.get((attack, "none"))):
-                    reason = " (the attack did not take without defense" + (
-                        "; see Longer runs)" if attack in long_attacks else ")")
-                rows.append(f"| {attack} | {defense} | not run{reason} | | | | | |")
+                rows.append(f"| {attack} | {defense} | not run{why_not_run(attack, defense, cells, long_cells)} "
+                            "| | | | | |")
                 continue
             cell = json.loads(path.read_text())
             cells[(attack, defense)] = cell

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from defense import cell_name, run_folder  # noqa: E402
-from results_table import attack_did_not_take, long_runs, target_checks, train_time  # noqa: E402
+from results_table import attack_did_not_take, long_runs, target_checks, train_time, why_not_run  # noqa: E402
 
 
 def make_cell(attack: str, defense: str, epochs: int, top1: float, asr: float, no_trigger: float = 0.002,
@@ -139,3 +139,13 @@ def test_another_attack_at_a_sweep_size_is_named_in_its_row(tmp_path: Path) -> N
     lines = sweep_lines(variant_cells(results, docs))
     rows = [line.split(" | ")[0:2] for line in lines if line.startswith("| 20k")]
     assert rows == [["| 20k", "none"], ["| 20k, wanet-s4", "none"]]  # the sweep's attack first
+
+
+def test_an_empty_grid_row_says_why() -> None:
+    took = {("targeted", "none"): make_cell("all", "none", 5, 0.88, asr=0.003, targeted=16)}
+    longer = {10: {("targeted", "resplit"): {}, ("badnet", "none"): {}}}
+    assert why_not_run("targeted", "resplit", took, longer) == " at these epochs (measured at more: see Longer runs)"
+    assert why_not_run("targeted", "clip-score", took, longer) == ""  # simply not run yet
+    quiet = {("badnet", "none"): make_cell("badnet", "none", 5, 0.88, asr=0.004, no_trigger=0.003)}
+    assert why_not_run("badnet", "safeclip", quiet, longer) == (
+        " (the attack did not take without defense; see Longer runs)")
