@@ -38,7 +38,8 @@ HELP = {
     "warmup_from": "Take phases 1-2 from this finished warm-up checkpoint (`safeclip warmup`'s output or another "
                    "run's RUN/warmup.pt) instead of training them; its settings must match this run's.",
     "ratio_schedule": "Split schedule, as `safeclip split`: safeclip[:threshold=T,step=S,cap=C,r0=R], "
-                      "fraction:F, threshold:T, estimate[:margin=M,cap=C,floor=L] [the defense's own: fraction:0.85 for resplit, safeclip for "
+                      "fraction:F, threshold:T, estimate[:margin=M,cap=C,floor=L] [the defense's own: "
+                      "fraction:0.85 for resplit, safeclip for "
                       "safeclip, fraction:0.3 for clip-score].",
 }
 

@@ -156,7 +156,7 @@ def _workers_gone_after_kill(proc: subprocess.Popen, start_timeout: float, proce
 
 LOADER_IN_A_THREAD = """
 import threading, time, torch
-from sanitize.io.workers import exit_with_parent
+from sanitize.io.loader_workers import exit_with_parent
 
 class Slow(torch.utils.data.IterableDataset):
     def __iter__(self):  # one item, then a long decode: the worker never polls its queue meanwhile

@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
+from .balance import vectors_to_numpy
+
 DEFAULT_SAMPLE = 200_000  # pairs whose embeddings are read: a share needs no more
 NULL_QUANTILES = np.linspace(0.05, 0.75, 15)
 
@@ -44,7 +46,7 @@ def mismatched_share(image: np.ndarray, text: np.ndarray, similarity: np.ndarray
     n = len(similarity)
     if n < 2:
         raise ValueError(f"estimating the mismatched share needs at least 2 pairs, got {n}")
-    # a derangement-free shuffle is fine: a pair meeting its own caption (1/n of rows) is noise
+    # a plain permutation, not a derangement: a pair meeting its own caption (1/n of rows) is noise
     shuffled = text[np.random.default_rng(seed).permutation(n)]
     null = np.einsum("ij,ij->i", image.astype(np.float32), shuffled.astype(np.float32))
     data = np.sort(similarity)
@@ -53,11 +55,6 @@ def mismatched_share(image: np.ndarray, text: np.ndarray, similarity: np.ndarray
     ratios = (np.searchsorted(data, cuts, side="left") / n) / np.maximum(
         np.searchsorted(null_sorted, cuts, side="left") / n, 1.0 / n)
     return MismatchEstimate(float(np.clip(ratios.min(), 0.0, 1.0)), n, float(np.median(null)))
-
-
-def _matrix(table, column: str) -> np.ndarray:
-    flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(flat, np.float32).reshape(table.num_rows, -1)
 
 
 def read_sample(paths: Sequence[str], rows_per_file: Sequence[int], rows: np.ndarray
@@ -70,8 +67,8 @@ def read_sample(paths: Sequence[str], rows_per_file: Sequence[int], rows: np.nda
         lo, hi = np.searchsorted(rows, [start, start + count])
         if hi > lo:
             table = pq.read_table(path, columns=["image_emb", "text_emb"]).take(rows[lo:hi] - start)
-            images.append(_matrix(table, "image_emb"))
-            texts.append(_matrix(table, "text_emb"))
+            images.append(vectors_to_numpy(table.column("image_emb"), "image_emb"))
+            texts.append(vectors_to_numpy(table.column("text_emb"), "text_emb"))
         start += count
     return np.concatenate(images), np.concatenate(texts)
 

@@ -29,7 +29,7 @@ import torch
 from ..io.artifacts import EmbedManifest, Embeddings, check_unique_keys, embedding_file_name, file_sha256
 from ..io.pairs import CsvOptions, PairSource, Shard, Skips, open_pairs
 from ..io.shards import atomic_write_bytes
-from ..io.workers import exit_with_parent, worker_context
+from ..io.loader_workers import exit_with_parent, worker_context
 from ..models.factory import encode_pairs
 from ..train import distributed
 from .config import DTYPES, EmbedConfig

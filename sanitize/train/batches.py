@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .augment import EDA, eval_transform
 from .views import BatchViews, base_image, draw_view_params
 from ..io.pairs import PairSource, Skips
-from ..io.workers import exit_with_parent, worker_context
+from ..io.loader_workers import exit_with_parent, worker_context
 
 
 def sample_seed(seed: int, epoch: int, shard: int, position: int) -> int:
@@ -167,7 +167,7 @@ class PairBatches(IterableDataset):
 def make_loader(dataset: PairBatches, num_workers: int = 0) -> DataLoader:
     """A DataLoader over ready-made batches. Its own generator keeps worker seeding
     from consuming the global torch RNG (our randomness is explicit anyway); its
-    workers start from a fork server and exit with this process (sanitize.io.workers)."""
+    workers start from a fork server and exit with this process (sanitize.io.loader_workers)."""
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(dataset.seed),
                       persistent_workers=False, prefetch_factor=4 if num_workers else None,
